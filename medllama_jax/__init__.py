@@ -1,0 +1,1 @@
+"""medllama-jax: Me-LLaMA in JAX/Flax."""

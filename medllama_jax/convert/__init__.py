@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Hugging Face LLaMA weights and Flax params."""

@@ -1,0 +1,259 @@
+"""The LLaMA2 decoder in Flax linen, readable top to bottom.
+
+Every parameter and activation carries logical axis names (``embed``, ``heads``, ``mlp``, ...); which
+mesh axis each maps to is decided in ``partitioning.py`` and nowhere else. Weights use Hugging Face's
+rotate-half rotary layout, so importing a HF checkpoint is a rename and a reshape.
+
+The forward pass takes per-token ``positions`` and ``segment_ids``: packed training rows restart both
+per document, and left-padded prompt batches mark padding with segment 0. An optional KV cache (stacked
+over layers) turns the same code into the incremental decoder used by ``decode.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medllama_jax import attention
+from medllama_jax.config import LlamaConfig
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer: ``[layers, batch, max_len, kv_heads, head_dim]``.
+
+  ``segment_ids`` ``[batch, max_len]`` records which slots hold real tokens (0 = padding or empty) and
+  ``index`` is the next slot to write (shared by the batch: prompts are left-padded to one length).
+  """
+
+  key: Array
+  value: Array
+  segment_ids: Array
+  index: Array
+
+  @classmethod
+  def init(cls, config: LlamaConfig, batch: int, max_len: int) -> "KVCache":
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+    dtype = jnp.dtype(config.dtype)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class LayerCache(NamedTuple):
+  key: Array
+  value: Array
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tuple[str, ...],
+           param_dtype: Any) -> Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, param_dtype)
+
+
+def _dense_init(fan_in_dims: tuple[int, ...]):
+  """Normal(0, 0.02)-like init scaled by fan-in, so a random model has well-behaved logits."""
+  return nn.initializers.normal(stddev=1.0 / math.sqrt(math.prod(fan_in_dims)))
+
+
+def rope_frequencies(config: LlamaConfig) -> Array:
+  """Inverse frequencies ``[head_dim // 2]``, with LLaMA-3's long-context rescaling if configured."""
+  head_dim = config.resolved_head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  scaling = config.rope_scaling_dict
+  if scaling is None:
+    return inv_freq
+  factor = scaling["factor"]
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_len = scaling["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotate-half rotary embedding of ``x`` ``[b, t, heads, d]`` at integer ``positions`` ``[b, t]``."""
+  freqs = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array,
+               cache: LayerCache | None, cache_segment_ids: Array | None,
+               cache_index: Array | None) -> tuple[Array, LayerCache | None]:
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, hd = cfg.hidden_size, cfg.resolved_head_dim
+    wq = _param(self, "q_proj", _dense_init((d,)), (d, cfg.num_heads, hd),
+                ("embed", "heads", "head_dim"), pdtype)
+    wk = _param(self, "k_proj", _dense_init((d,)), (d, cfg.num_kv_heads, hd),
+                ("embed", "kv_heads", "head_dim"), pdtype)
+    wv = _param(self, "v_proj", _dense_init((d,)), (d, cfg.num_kv_heads, hd),
+                ("embed", "kv_heads", "head_dim"), pdtype)
+    wo = _param(self, "o_proj", _dense_init((cfg.num_heads, hd)), (cfg.num_heads, hd, d),
+                ("heads", "head_dim", "embed"), pdtype)
+
+    heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
+    kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
+    q = nn.with_logical_constraint(jnp.einsum("btd,dnh->btnh", x, wq.astype(dtype)), heads_axes)
+    k = nn.with_logical_constraint(jnp.einsum("btd,dnh->btnh", x, wk.astype(dtype)), kv_axes)
+    v = nn.with_logical_constraint(jnp.einsum("btd,dnh->btnh", x, wv.astype(dtype)), kv_axes)
+    inv_freq = rope_frequencies(cfg)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+    if cache is None:
+      kv_segment_ids, q_offset, new_cache = segment_ids, 0, None
+    else:
+      k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache_index, 1)
+      kv_segment_ids, q_offset, new_cache = cache_segment_ids, cache_index, LayerCache(k, v)
+
+    out = attention.attend(q, k, v, segment_ids, kv_segment_ids, q_offset, cfg.attention_impl)
+    out = nn.with_logical_constraint(out, heads_axes)
+    return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype)), new_cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    gate = _param(self, "gate_proj", _dense_init((d,)), (d, f), ("embed", "mlp"), pdtype)
+    up = _param(self, "up_proj", _dense_init((d,)), (d, f), ("embed", "mlp"), pdtype)
+    down = _param(self, "down_proj", _dense_init((f,)), (f, d), ("mlp", "embed"), pdtype)
+    mlp_axes = ("activation_batch", "activation_length", "activation_mlp")
+    h = nn.silu(nn.with_logical_constraint(x @ gate.astype(dtype), mlp_axes))
+    h = h * nn.with_logical_constraint(x @ up.astype(dtype), mlp_axes)
+    return h @ down.astype(dtype)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm attention and SwiGLU MLP with residuals; the body that ``nn.scan`` repeats."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: LayerCache | None,
+               cache_segment_ids: Array | None, cache_index: Array | None
+               ) -> tuple[Array, LayerCache | None]:
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    embed_axes = ("activation_batch", "activation_length", "activation_embed")
+    h, new_cache = Attention(cfg, name="self_attn")(
+        RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_layernorm")(x),
+        positions, segment_ids, cache, cache_segment_ids, cache_index)
+    x = nn.with_logical_constraint(x + h, embed_axes)
+    h = MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_layernorm")(x))
+    x = nn.with_logical_constraint(x + h, embed_axes)
+    return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _layer_class(config: LlamaConfig) -> type[nn.Module]:
+  if config.remat_policy == "none":
+    return DecoderLayer
+  return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[config.remat_policy],
+                  prevent_cse=not config.scan_layers)
+
+
+class Llama(nn.Module):
+  """``tokens [b, t] -> logits [b, t, vocab]`` (float32), plus the updated cache when one is given."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+               cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+
+    embedding = _param(self, "embed_tokens", nn.initializers.normal(1.0),
+                       (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    cache_segment_ids = cache_index = None
+    layer_caches = None
+    if cache is not None:
+      cache_index = cache.index
+      cache_segment_ids = jax.lax.dynamic_update_slice_in_dim(
+          cache.segment_ids, segment_ids.astype(jnp.int32), cache_index, 1)
+      layer_caches = LayerCache(cache.key, cache.value)
+
+    layer_cls = _layer_class(cfg)
+    if cfg.scan_layers:
+      scanned = nn.scan(
+          layer_cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, new_layer_caches = scanned(cfg, name="layers")(
+          x, positions, segment_ids, layer_caches, cache_segment_ids, cache_index)
+    else:
+      per_layer = []
+      for i in range(cfg.num_layers):
+        layer_cache = None if layer_caches is None else LayerCache(layer_caches.key[i],
+                                                                   layer_caches.value[i])
+        x, c = layer_cls(cfg, name=f"layers_{i}")(
+            x, positions, segment_ids, layer_cache, cache_segment_ids, cache_index)
+        per_layer.append(c)
+      new_layer_caches = None if cache is None else LayerCache(
+          jnp.stack([c.key for c in per_layer]), jnp.stack([c.value for c in per_layer]))
+
+    x = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="norm")(x)
+    if cfg.tie_word_embeddings:
+      head = embedding.T
+    else:
+      head = _param(self, "lm_head", _dense_init((cfg.hidden_size,)), (cfg.hidden_size, cfg.vocab_size),
+                    ("embed", "vocab"), pdtype)
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+    logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
+                                                 "activation_vocab"))
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(new_layer_caches.key, new_layer_caches.value, cache_segment_ids,
+                          cache.index + tokens.shape[1])
+    return logits, new_cache

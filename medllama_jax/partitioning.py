@@ -1,0 +1,233 @@
+"""Everything about meshes lives here: building the Mesh, logical→mesh rules, sharded init and jit.
+
+The model names its axes logically (``embed``, ``heads``, ``activation_batch``...); this module maps
+those names to the mesh axes ``data`` (pure data parallelism), ``fsdp`` (data parallelism with
+parameters and optimizer state sharded) and ``tensor`` (Megatron-style model parallelism over heads,
+MLP width and vocabulary). The same code runs on one CPU (a 1×1×1 mesh) and on a multi-host pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+DEFAULT_RULES: LogicalRules = (
+    # Activations: the batch is split over every data-parallel axis; heads, MLP width and vocabulary
+    # over the tensor axis; the residual stream is replicated across tensor shards.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # Parameters: FSDP shards the model dimension, tensor parallelism the head/MLP/vocab dimensions.
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def resolve_axis_sizes(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Replaces the single ``-1`` in ``sizes`` by whatever makes the product equal ``num_devices``."""
+  sizes = tuple(int(s) for s in sizes)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh sizes {sizes}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh sizes {sizes}: {num_devices} devices are not divisible by {known}")
+    sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices, "
+        f"but {num_devices} are available")
+  return sizes
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+  """``"2,2,2"`` (data,fsdp,tensor) or ``"data=2,fsdp=-1"`` → axis sizes; missing named axes are 1."""
+  parts = [p.strip() for p in spec.split(",") if p.strip()]
+  if parts and all(re.fullmatch(r"-?\d+", p) for p in parts):
+    if len(parts) != len(MESH_AXES):
+      raise ValueError(f"mesh {spec!r}: give {len(MESH_AXES)} sizes ({','.join(MESH_AXES)})")
+    return dict(zip(MESH_AXES, (int(p) for p in parts)))
+  sizes = dict.fromkeys(MESH_AXES, 1)
+  for part in parts:
+    name, _, value = part.partition("=")
+    if name not in sizes or not re.fullmatch(r"-?\d+", value):
+      raise ValueError(f"mesh {spec!r}: {part!r} is not AXIS=SIZE with AXIS in {MESH_AXES}")
+    sizes[name] = int(value)
+  return sizes
+
+
+@gin.configurable
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ``(data, fsdp, tensor)`` mesh over all devices (of every host); ``-1`` takes the rest."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_axis_sizes((data, fsdp, tensor), len(devices))
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    device_array = np.asarray(devices).reshape(shape)
+  mesh = Mesh(device_array, MESH_AXES)
+  logging.info("mesh %s over %d devices", dict(mesh.shape), len(devices))
+  return mesh
+
+
+@gin.configurable
+def logical_axis_rules(rules: LogicalRules | None = None) -> LogicalRules:
+  """The rules in force: ``DEFAULT_RULES`` unless gin binds others."""
+  return tuple(DEFAULT_RULES if rules is None else (tuple(r) for r in rules))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
+  """Makes the model's logical activation constraints resolve against ``mesh``."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def _mesh_axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+  if axes is None:
+    return 1
+  names = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
+             rules: LogicalRules) -> PartitionSpec:
+  """Logical axes → PartitionSpec for an array of ``shape``.
+
+  A dimension that its mesh axes do not divide evenly (e.g. 8 KV heads on a 16-way tensor axis) is
+  replicated rather than failing, and the fallback is logged, so any mesh can hold any model.
+  """
+  spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  fixed, used = [], set()
+  for dim, axes in zip(shape, spec):
+    names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    if any(n in used for n in names):
+      names = ()
+    if names and dim % _mesh_axis_size(mesh, names):
+      logging.log_first_n(logging.WARNING, "dimension %d (%s) is not divisible by mesh axes %s; "
+                          "replicating it", 8, dim, logical_axes, names)
+      names = ()
+    used.update(names)
+    fixed.append(None if not names else (names[0] if len(names) == 1 else names))
+  return PartitionSpec(*fixed)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
+  """NamedShardings for a tree of ``nn.LogicallyPartitioned`` boxes (e.g. from ``jax.eval_shape``)."""
+
+  def one(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, spec_for(leaf.value.shape, leaf.names, mesh, rules))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def unbox(tree: Any) -> Any:
+  """Strips ``nn.LogicallyPartitioned`` boxes, leaving the arrays (or shape structs)."""
+  return nn.meta.unbox(tree)
+
+
+def abstract_params(model: nn.Module, example_tokens_shape: tuple[int, int] = (1, 1)) -> Any:
+  """The boxed parameter tree as ``ShapeDtypeStruct``s: shapes and logical names, no memory."""
+  tokens = jax.ShapeDtypeStruct(example_tokens_shape, np.int32)
+  return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+
+
+def param_shardings(model: nn.Module, mesh: Mesh, rules: LogicalRules) -> Any:
+  return logical_shardings(abstract_params(model), mesh, rules)
+
+
+def init_params(model: nn.Module, mesh: Mesh, rules: LogicalRules, rng: jax.Array) -> Any:
+  """Random parameters created already sharded: no host ever holds the whole model."""
+  shardings = param_shardings(model, mesh, rules)
+
+  def init(key):
+    return unbox(model.init(key, np.ones((1, 1), np.int32))["params"])
+
+  with activate(mesh, rules):
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def batch_sharding(mesh: Mesh, rules: LogicalRules, ndim: int = 2) -> NamedSharding:
+  """Sharding of ``[batch, length, ...]`` inputs: batch over the data-parallel axes."""
+  axes = ("activation_batch", "activation_length") + (None,) * (ndim - 2)
+  return NamedSharding(mesh, nn.logical_to_mesh_sharding(PartitionSpec(*axes), mesh, rules).spec)
+
+
+def shard_batch_spec(mesh: Mesh, rules: LogicalRules, shape: Sequence[int]) -> NamedSharding:
+  """Like ``batch_sharding`` but replicates the batch when the data axes do not divide it."""
+  axes = ("activation_batch", "activation_length") + (None,) * (len(shape) - 2)
+  return NamedSharding(mesh, spec_for(shape, axes, mesh, rules))
+
+
+def make_forward(model: nn.Module, mesh: Mesh, rules: LogicalRules, params_sharding: Any,
+                 batch_shape: Sequence[int]) -> Callable[..., jax.Array]:
+  """A jit'd ``(params, tokens, positions, segment_ids) -> logits`` with explicit shardings."""
+  data = shard_batch_spec(mesh, rules, batch_shape)
+  logits_sharding = NamedSharding(
+      mesh, spec_for(tuple(batch_shape) + (model.config.vocab_size,),
+                     ("activation_batch", "activation_length", "activation_vocab"), mesh, rules))
+
+  def forward(params, tokens, positions, segment_ids):
+    with nn.logical_axis_rules(rules):
+      logits, _ = model.apply({"params": params}, tokens, positions, segment_ids)
+    return logits
+
+  jitted = jax.jit(forward, in_shardings=(params_sharding, data, data, data),
+                   out_shardings=logits_sharding)
+
+  def run(params, tokens, positions, segment_ids):
+    with activate(mesh, rules):
+      return jitted(params, tokens, positions, segment_ids)
+
+  return run
+
+
+def initialize_distributed() -> None:
+  """Joins the multi-host runtime when this process is one of several; a no-op on one host.
+
+  TPU VM slices are detected by JAX itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (as a GPU cluster launcher would).
+  """
+  if jax.distributed.is_initialized():
+    return
+  coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+  on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+  if coordinator and num_processes > 1:
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif on_tpu_pod:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,48 @@
+"""medllama-jax: the Me-LLaMA medical LLM family (LLaMA2 continual pre-training, instruction tuning,
+MIBE evaluation) in JAX/Flax, sharded over a named mesh from one CPU to a TPU pod."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="medllama-jax",
+    version="0.1.0",
+    description="Me-LLaMA in JAX/Flax: LLaMA2 sharded over a mesh, HF/Meta converters, generation.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["medllama_jax", "medllama_jax.*", "seqio_tasks", "seqio_tasks.*"]),
+    package_data={"medllama_jax": ["demo_data/*"]},
+    install_requires=[
+        "absl-py>=2.1",
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11.20,<0.13",
+        "seqio>=0.0.19",
+        "tensorflow-datasets>=4.9",
+        "sentencepiece>=0.2",
+        "gin-config>=0.5",
+        "tokenizers>=0.20",
+        "ml_dtypes>=0.5",
+        "numpy>=1.26",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        # Reading PyTorch pickles (HF pytorch_model*.bin, Meta consolidated.*.pth).
+        "torch": ["torch==2.13.0"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "torch==2.13.0",
+            "transformers>=4.45",
+            "safetensors>=0.4",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "medllama-convert=medllama_jax.convert.cli:run",
+            "medllama-generate=medllama_jax.generate_cli:run",
+        ],
+    },
+)
