@@ -38,7 +38,7 @@ def _quiet() -> Iterator[None]:
     yield
 
 
-def _nest(flat: dict[ParamPath, Any]) -> dict[str, Any]:
+def nest(flat: dict[ParamPath, Any]) -> dict[str, Any]:
   tree: dict[str, Any] = {}
   for path, value in flat.items():
     node = tree
@@ -74,7 +74,7 @@ def save_params_streaming(directory: str, tensors: Iterable[tuple[ParamPath, np.
   count = 0
   with _quiet():
     for path, array in tensors:
-      ocp_partial.save(directory, _nest({path: np.asarray(array)}))
+      ocp_partial.save(directory, nest({path: np.asarray(array)}))
       count += 1
     if not count:
       raise ValueError(f"{directory}: no tensors to write")
@@ -115,7 +115,7 @@ def read_tensors(directory: str, paths: Iterable[ParamPath],
   abstract = {p: (jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if p in wanted
                   else ocp.PLACEHOLDER) for p, m in metadata.items()}
   with _quiet():
-    restored = ocp.load_pytree(directory, _nest(abstract))
+    restored = ocp.load_pytree(directory, nest(abstract))
   flat = flatten(restored)
   return {p: np.asarray(flat[p]) for p in wanted}
 
@@ -133,6 +133,16 @@ def checkpoint_layout(paths: Iterable[ParamPath]) -> str:
 def stacked_path(path: ParamPath) -> ParamPath | None:
   """``("layers_3", "mlp", "up_proj")`` → ``("layers", "mlp", "up_proj")``; None for non-layer paths."""
   return ("layers",) + path[1:] if _LAYER_KEY.match(path[0]) else None
+
+
+def layer_slice_sharding(stacked: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+  """The sharding of one layer's slice of a stacked ``[layers, ...]`` parameter."""
+  return jax.sharding.NamedSharding(stacked.mesh, jax.sharding.PartitionSpec(*stacked.spec[1:]))
+
+
+def stack_on_devices(pieces: list[jax.Array], sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """Stacks per-layer arrays into one ``[layers, ...]`` array placed on ``sharding``."""
+  return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*pieces)
 
 
 def load_params(directory: str, abstract: Any, shardings: Any) -> Any:
@@ -153,7 +163,7 @@ def load_params(directory: str, abstract: Any, shardings: Any) -> Any:
 
   def restore(abstract_flat: dict[ParamPath, Any]) -> dict[ParamPath, jax.Array]:
     with _quiet():
-      tree = ocp.load_pytree(directory, _nest(
+      tree = ocp.load_pytree(directory, nest(
           {p: abstract_flat.get(p, ocp.PLACEHOLDER) for p in stored}))
     return {p: v for p, v in flatten(tree).items() if p in abstract_flat}
 
@@ -161,7 +171,7 @@ def load_params(directory: str, abstract: Any, shardings: Any) -> Any:
     specs = {p: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=target_shardings[p])
              for p, t in target.items()}
     _check_shapes(directory, stored, specs)
-    return _nest(restore(specs))
+    return nest(restore(specs))
 
   out: dict[ParamPath, jax.Array] = {}
   for path, t in target.items():
@@ -174,15 +184,12 @@ def load_params(directory: str, abstract: Any, shardings: Any) -> Any:
       out.update(restore(specs))
     elif target_layout == "stacked":
       # Read the per-layer slices onto the slice sharding, then stack onto the stacked sharding.
-      slice_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
-          *sharding.spec[1:]))
-      specs = {(f"layers_{i}",) + path[1:]: jax.ShapeDtypeStruct(t.shape[1:], t.dtype,
-                                                                   sharding=slice_sharding)
+      specs = {(f"layers_{i}",) + path[1:]: jax.ShapeDtypeStruct(
+          t.shape[1:], t.dtype, sharding=layer_slice_sharding(sharding))
                for i in range(t.shape[0])}
       _check_shapes(directory, stored, specs)
       pieces = restore(specs)
-      out[path] = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(
-          *(pieces[p] for p in specs))
+      out[path] = stack_on_devices([pieces[p] for p in specs], sharding)
       del pieces
     else:
       # Read the stacked group once, then slice out every layer's tensor.
@@ -200,7 +207,7 @@ def load_params(directory: str, abstract: Any, shardings: Any) -> Any:
       del group
   logging.info("restored %d tensors from %s (%s layout → %s)", len(out), directory, stored_layout,
                target_layout)
-  return _nest(out)
+  return nest(out)
 
 
 def _other_layout_paths(target: dict[ParamPath, Any], target_layout: str,

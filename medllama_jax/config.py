@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any
 
+import gin
 import jax.numpy as jnp
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -220,3 +221,12 @@ def get_config(name: str, **overrides: Any) -> LlamaConfig:
   if name not in PRESETS:
     raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[name].replace(**overrides)
+
+
+@gin.configurable
+def model_config(preset: str = "tiny", dtype: str = "float32", param_dtype: str = "float32",
+                 scan_layers: bool = True, remat_policy: str = "none", attention_impl: str = "xla",
+                 overrides: dict[str, Any] | None = None) -> LlamaConfig:
+  """The gin entry point for a model: a preset, how to run it, and any architecture overrides."""
+  return get_config(preset, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                    remat_policy=remat_policy, attention_impl=attention_impl, **(overrides or {}))

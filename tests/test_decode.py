@@ -1,0 +1,199 @@
+"""Tests for medllama_jax.decode on CPU with random tiny models.
+
+The reference for the KV-cache decoder is the model without a cache, re-run over the whole sequence at
+every step; sharded runs use 8 virtual CPU devices.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from medllama_jax import decode, partitioning  # noqa: E402
+from medllama_jax.config import get_config  # noqa: E402
+from medllama_jax.model import Llama  # noqa: E402
+from medllama_jax.decode import SamplingConfig  # noqa: E402
+
+PROMPTS = [[5, 17, 33], [101, 7, 250, 3, 9, 44, 61], list(range(200, 212))]  # lengths 3, 7, 12
+GREEDY = SamplingConfig(max_new_tokens=5)
+# (scan_layers, num_kv_heads) with num_heads 4: grouped-query (2), multi-query (1) and multi-head (4).
+MODEL_VARIANTS = [(True, 2), (False, 2), (True, 1), (False, 4)]
+
+
+@functools.lru_cache(maxsize=None)
+def make_model(scan_layers: bool = True, num_kv_heads: int = 2) -> tuple[Llama, dict]:
+  """A random tiny model; the LM head is scaled up so greedy choices are far from ties."""
+  model = Llama(get_config("tiny", scan_layers=scan_layers, num_kv_heads=num_kv_heads))
+  params = partitioning.unbox(model.init(jax.random.key(0), jnp.ones((1, 1), jnp.int32))["params"])
+  return model, {**params, "lm_head": params["lm_head"] * 4.0}
+
+
+def reference_greedy(model: Llama, params: dict, prompts, steps: int) -> list[list[int]]:
+  """Greedy decoding with no cache: a full forward over prompt + generated-so-far at every step."""
+  generated = [[] for _ in prompts]
+  for _ in range(steps):
+    tokens, segment_ids, positions = decode.left_pad([p + g for p, g in zip(prompts, generated)])
+    logits, _ = model.apply({"params": params}, tokens, positions, segment_ids)
+    for row, token in enumerate(np.asarray(jnp.argmax(logits[:, -1], axis=-1))):
+      generated[row].append(int(token))
+  return generated
+
+
+def test_left_pad():
+  tokens, segment_ids, positions = decode.left_pad([[4, 5], [6, 7, 8]], pad_id=9, bucket=4)
+  np.testing.assert_array_equal(tokens, [[9, 9, 4, 5], [9, 6, 7, 8]])
+  np.testing.assert_array_equal(segment_ids, [[0, 0, 1, 1], [0, 1, 1, 1]])
+  np.testing.assert_array_equal(positions, [[0, 0, 0, 1], [0, 0, 1, 2]])
+  assert decode.left_pad([[1]], length=5, bucket=4)[0].shape == (1, 8)
+  with pytest.raises(ValueError):
+    decode.left_pad([[1, 2, 3]], length=2)
+
+
+@pytest.mark.parametrize("scan_layers,num_kv_heads", MODEL_VARIANTS)
+def test_cached_greedy_matches_full_recompute(scan_layers, num_kv_heads):
+  model, params = make_model(scan_layers, num_kv_heads)
+  got = decode.generate(model, params, PROMPTS, GREEDY, eos_ids=())
+  assert got == reference_greedy(model, params, PROMPTS, GREEDY.max_new_tokens)
+
+
+def test_batched_equals_one_at_a_time():
+  model, params = make_model()
+  batched = decode.generate(model, params, PROMPTS, GREEDY, eos_ids=())
+  # bucket=16 gives each lone prompt a different amount of padding than it has in the batch.
+  alone = [decode.generate(model, params, [p], GREEDY, eos_ids=(), bucket=16)[0] for p in PROMPTS]
+  assert batched == alone
+
+
+def _run_raw(model, params, prompts, sampling, eos_ids):
+  tokens, segment_ids, positions = decode.left_pad(prompts)
+  out, lengths, steps = decode._generate_jit(
+      params, tokens, positions, segment_ids, jax.random.key(sampling.seed), model=model,
+      sampling=sampling, eos_ids=tuple(eos_ids), mesh=None, rules=None)
+  return np.asarray(out), np.asarray(lengths), int(steps)
+
+
+def test_eos_truncates_and_is_excluded():
+  model, params = make_model()
+  free = decode.generate(model, params, PROMPTS, GREEDY, eos_ids=())
+  assert all(len(g) == GREEDY.max_new_tokens for g in free)
+  # The first token of row 0 at step >= 2 that it has not emitted before becomes the EOS id.
+  step = next(s for s in range(2, len(free[0])) if free[0][s] not in free[0][:s])
+  eos = free[0][step]
+  expected = [g[:g.index(eos)] if eos in g else g for g in free]
+  got = decode.generate(model, params, PROMPTS, GREEDY, eos_ids=(eos,))
+  assert got == expected
+  assert got[0] == free[0][:step]
+  # Any of several EOS ids ends a row.
+  eos2 = free[1][1]
+  both = decode.generate(model, params, PROMPTS, GREEDY, eos_ids=(eos, eos2))
+  assert both == [[t for t in g[:next((i for i, t in enumerate(g) if t in (eos, eos2)), len(g))]]
+                  for g in free]
+
+
+def test_early_stop_when_all_rows_done():
+  model, params = make_model()
+  sampling = SamplingConfig(max_new_tokens=8)
+  free = decode.generate(model, params, PROMPTS, sampling, eos_ids=())
+  _, lengths, steps = _run_raw(model, params, PROMPTS, sampling, ())
+  assert steps == sampling.max_new_tokens and list(lengths) == [8, 8, 8]
+  # Every row's first token is an EOS id: one sampling step (the prefill's), nothing returned.
+  first_tokens = sorted({g[0] for g in free})
+  _, lengths, steps = _run_raw(model, params, PROMPTS, sampling, first_tokens)
+  assert steps == 1 and list(lengths) == [0, 0, 0]
+  assert decode.generate(model, params, PROMPTS, sampling, eos_ids=first_tokens) == [[], [], []]
+  # Otherwise the loop runs until the last row finishes, not to max_new_tokens.
+  eos_ids = sorted({free[0][0], free[1][0], free[2][2]})
+  first_eos = [next((i for i, t in enumerate(g) if t in eos_ids), len(g)) for g in free]
+  _, lengths, steps = _run_raw(model, params, PROMPTS, sampling, eos_ids)
+  assert list(lengths) == first_eos
+  assert steps == min(max(first_eos) + 1, sampling.max_new_tokens) < sampling.max_new_tokens
+
+
+def test_sampling_seed_determinism_and_greedy_limits():
+  model, params = make_model()
+  hot = SamplingConfig(temperature=2.0, max_new_tokens=6, seed=1)
+  first = decode.generate(model, params, PROMPTS, hot, eos_ids=())
+  assert decode.generate(model, params, PROMPTS, hot, eos_ids=()) == first
+  other = decode.generate(model, params, PROMPTS, SamplingConfig(temperature=2.0, max_new_tokens=6,
+                                                                 seed=2), eos_ids=())
+  assert other != first
+  greedy = decode.generate(model, params, PROMPTS, SamplingConfig(max_new_tokens=6), eos_ids=())
+  assert greedy != first
+  top1 = SamplingConfig(temperature=2.0, top_k=1, max_new_tokens=6, seed=3)
+  assert decode.generate(model, params, PROMPTS, top1, eos_ids=()) == greedy
+  nucleus = SamplingConfig(temperature=2.0, top_p=1e-6, max_new_tokens=6, seed=3)
+  assert decode.generate(model, params, PROMPTS, nucleus, eos_ids=()) == greedy
+
+
+LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+NUM_SAMPLES = 40_000
+# The standard error of a frequency is at most sqrt(0.25 / 40000) = 0.0025; allow 4 of them.
+FREQ_TOL = 0.01
+
+
+def _frequencies(cfg: SamplingConfig) -> np.ndarray:
+  logits = jnp.broadcast_to(jnp.asarray(LOGITS), (NUM_SAMPLES, LOGITS.size))
+  ids = np.asarray(decode.sample_logits(logits, jax.random.key(cfg.seed), cfg))
+  return np.bincount(ids, minlength=LOGITS.size) / NUM_SAMPLES
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max())
+  return e / e.sum()
+
+
+def test_temperature_sampling_matches_softmax():
+  cfg = SamplingConfig(temperature=0.7, seed=4)
+  np.testing.assert_allclose(_frequencies(cfg), _softmax(LOGITS / 0.7), atol=FREQ_TOL)
+
+
+def test_top_k_and_top_p_filters():
+  freqs = _frequencies(SamplingConfig(temperature=1.0, top_k=3, seed=5))
+  assert np.all(freqs[3:] == 0)  # never outside the top 3
+  np.testing.assert_allclose(freqs[:3], _softmax(LOGITS[:3]), atol=FREQ_TOL)
+  # softmax(LOGITS) = .561, .206, .125, .076, ...: mass before token 2 is .767 < .8, before 3 is .892.
+  freqs = _frequencies(SamplingConfig(temperature=1.0, top_p=0.8, seed=6))
+  assert np.all(freqs[3:] == 0)
+  np.testing.assert_allclose(freqs[:3], _softmax(LOGITS[:3]), atol=FREQ_TOL)
+  greedy = np.asarray(decode.sample_logits(jnp.asarray(LOGITS[None]), jax.random.key(0),
+                                           SamplingConfig()))
+  assert greedy.tolist() == [0]
+
+
+def test_score_matches_full_forward_log_softmax():
+  model, params = make_model()
+  greedy = decode.generate(model, params, PROMPTS[:2], SamplingConfig(max_new_tokens=3), eos_ids=())
+  pairs = [(PROMPTS[0], greedy[0]), (PROMPTS[1], greedy[1][:2]), (PROMPTS[2], [1, 2, 3, 4]),
+           ([9], [greedy[0][0]])]
+  got = decode.score(model, params, pairs, bucket=8)
+  for (prompt, continuation), (logprob, is_greedy) in zip(pairs, got):
+    sequence = jnp.asarray([prompt + continuation], jnp.int32)
+    logits, _ = model.apply({"params": params}, sequence)
+    logprobs = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+    targets = range(len(prompt), len(prompt) + len(continuation))
+    expected = sum(logprobs[t - 1, sequence[0, t]] for t in targets)
+    np.testing.assert_allclose(logprob, expected, rtol=1e-5, atol=1e-4)
+    assert is_greedy == all(int(np.argmax(logprobs[t - 1])) == int(sequence[0, t]) for t in targets)
+  assert [g for _, g in got[:2]] == [True, True]
+  assert got[2][1] is False
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS + [[8, 8]], PROMPTS], ids=["batch4", "batch3"])
+def test_sharded_generation_matches_unsharded(prompts):
+  model, params = make_model()
+  mesh = partitioning.make_mesh(2, 2, 2)
+  rules = partitioning.logical_axis_rules()
+  sharded = jax.device_put(params, partitioning.param_shardings(model, mesh, rules))
+  expected = decode.generate(model, params, prompts, GREEDY, eos_ids=())
+  assert decode.generate(model, sharded, prompts, GREEDY, eos_ids=(), mesh=mesh, rules=rules) == expected
+  pairs = [(p, g) for p, g in zip(prompts, expected)]
+  np.testing.assert_allclose(decode.score(model, sharded, pairs, mesh=mesh, rules=rules),
+                             decode.score(model, params, pairs), rtol=1e-5, atol=1e-4)
