@@ -87,6 +87,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ``(data, fsdp, tensor)`` mesh over all devices (of every host); ``-1`` takes the rest."""
   devices = list(jax.devices() if devices is None else devices)
+  requested = math.prod((data, fsdp, tensor))
+  if -1 not in (data, fsdp, tensor) and requested < len(devices) and jax.process_count() == 1:
+    logging.warning("mesh uses %d of %d devices", requested, len(devices))
+    devices = devices[:requested]
   shape = resolve_axis_sizes((data, fsdp, tensor), len(devices))
   try:
     device_array = mesh_utils.create_device_mesh(shape, devices=devices)

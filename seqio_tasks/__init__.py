@@ -1,0 +1,1 @@
+"""seqio Task and Mixture registrations for Me-LLaMA pre-training, instruction tuning and MIBE."""
