@@ -85,7 +85,7 @@ def save_params_streaming(directory: str, tensors: Iterable[tuple[ParamPath, np.
 def save_params(directory: str, params: Any) -> None:
   """Writes a whole (possibly sharded) parameter tree; every host calls this together."""
   with _quiet():
-    ocp.save_pytree(directory, params)
+    ocp.save(directory, params)
 
 
 def params_metadata(directory: str) -> dict[ParamPath, jax.ShapeDtypeStruct]:
@@ -94,7 +94,7 @@ def params_metadata(directory: str) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     raise FileNotFoundError(f"{directory}: no parameter checkpoint (expected an Orbax folder)")
   with _quiet():
     try:
-      tree = ocp.pytree_metadata(directory).metadata
+      tree = ocp.metadata(directory).metadata
     except Exception as e:  # Orbax raises several types for unreadable folders.
       raise ValueError(f"{directory}: not a complete Orbax checkpoint ({e})") from e
   return {path: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype))
@@ -115,7 +115,7 @@ def read_tensors(directory: str, paths: Iterable[ParamPath],
   abstract = {p: (jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if p in wanted
                   else ocp.PLACEHOLDER) for p, m in metadata.items()}
   with _quiet():
-    restored = ocp.load_pytree(directory, nest(abstract))
+    restored = ocp.load(directory, nest(abstract))
   flat = flatten(restored)
   return {p: np.asarray(flat[p]) for p in wanted}
 
@@ -163,7 +163,7 @@ def load_params(directory: str, abstract: Any, shardings: Any) -> Any:
 
   def restore(abstract_flat: dict[ParamPath, Any]) -> dict[ParamPath, jax.Array]:
     with _quiet():
-      tree = ocp.load_pytree(directory, nest(
+      tree = ocp.load(directory, nest(
           {p: abstract_flat.get(p, ocp.PLACEHOLDER) for p in stored}))
     return {p: v for p, v in flatten(tree).items() if p in abstract_flat}
 

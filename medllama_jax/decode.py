@@ -10,7 +10,7 @@ Why it is built this way:
 * Prefill and the entire decode loop are one jitted function: a ``lax.while_loop`` feeds one token per
   step, so there is no host round trip per token, a batch costs one compilation per (batch size, padded
   length, sampling settings), and the loop exits as soon as every row has produced an end-of-sequence id.
-  The sampling seed is a traced key, so changing it does not recompile.
+  The sampling seed and the EOS ids are traced, so changing them does not recompile.
 * ``score`` is teacher forcing in one forward pass: the per-continuation log-likelihood (and whether the
   continuation is the greedy one) that log-likelihood multiple-choice evaluation needs, reduced on
   device so the ``[batch, length, vocab]`` logits never reach the host.
@@ -155,18 +155,18 @@ def _place(arrays: Sequence[np.ndarray], mesh: Mesh | None,
   return [jax.device_put(a, partitioning.shard_batch_spec(mesh, rules, a.shape)) for a in arrays]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_ids", "mesh", "rules"))
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "mesh", "rules"))
 def _generate_jit(params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                  rng: jax.Array, *, model: Llama, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+                  eos: jax.Array, rng: jax.Array, *, model: Llama, sampling: SamplingConfig,
                   mesh: Mesh | None, rules: partitioning.LogicalRules | None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Prefill plus decode loop: ``(ids [b, max_new], kept lengths [b], number of sampling steps run)``.
 
-  Row ``i``'s answer is ``ids[i, :lengths[i]]``: the ids before its first EOS.
+  ``eos`` ``[n]`` holds the end-of-sequence ids. Row ``i``'s answer is ``ids[i, :lengths[i]]``: the ids
+  before its first EOS.
   """
   batch, prompt_len = tokens.shape
   max_new = sampling.max_new_tokens
-  eos = jnp.asarray(eos_ids, jnp.int32)
   with _rules_context(rules):
     # The prefill writes slots [0, L); decode step s (1-based) writes slot L + s - 1.
     cache = KVCache.init(model.config, batch, prompt_len + max_new - 1)
@@ -216,13 +216,14 @@ def generate(model: Llama, params: Any, prompts: Sequence[Sequence[int]], sampli
     raise ValueError("generate: every prompt needs at least one token")
   tokens, segment_ids, positions = left_pad(prompts, pad_id, bucket=bucket)
   rules = _rules_for(mesh, rules)
-  static = dict(model=model, sampling=dataclasses.replace(sampling, seed=0),
-                eos_ids=tuple(int(e) for e in eos_ids), mesh=mesh, rules=rules)
+  eos = np.asarray(list(eos_ids), np.int32)
   context = partitioning.activate(mesh, rules) if mesh is not None else contextlib.nullcontext()
   with context:
     tokens, positions, segment_ids = _place((tokens, positions, segment_ids), mesh, rules)
-    out, lengths, _ = _generate_jit(params, tokens, positions, segment_ids,
-                                    jax.random.key(sampling.seed), **static)
+    out, lengths, _ = _generate_jit(params, tokens, positions, segment_ids, eos,
+                                    jax.random.key(sampling.seed), model=model,
+                                    sampling=dataclasses.replace(sampling, seed=0), mesh=mesh,
+                                    rules=rules)
   out, lengths = jax.device_get((out, lengths))
   return [row[:n].tolist() for row, n in zip(out, lengths)]
 

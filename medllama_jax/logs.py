@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging as py_logging
 
-from absl import logging
+from absl import flags, logging
 
 _NOISY_LIBRARIES = ("orbax", "jax", "tensorflow", "absl/flags")
 
@@ -18,6 +18,9 @@ class _QuietLibraries(py_logging.Filter):
 
 
 def setup(verbosity: int = logging.INFO) -> None:
+  """Call once at the start of a command-line tool (these tools parse their own flags with argparse)."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   logging.set_verbosity(verbosity)
   logging.use_absl_handler()
   handler = logging.get_absl_handler()

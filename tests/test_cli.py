@@ -1,0 +1,82 @@
+"""End to end through the command-line entry points: the demo, medllama-convert and medllama-generate."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from medllama_jax import decode, demo, generate_cli, loading, partitioning  # noqa: E402
+from medllama_jax.convert import cli as convert_cli  # noqa: E402
+
+PROMPTS = ["The patient presented with", "Aspirin"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("demo") / "out"
+  assert demo.main(["--out", str(out), "--max_new_tokens", "4"]) == 0
+  return out
+
+
+def test_demo_writes_model_export_and_reimport(demo_dir):
+  for sub in ("model/params", "model/config.json", "model/tokenizer.model", "hf_export/config.json",
+              "hf_export/model.safetensors.index.json", "reimported/params"):
+    assert (demo_dir / sub).exists(), sub
+  hf_dir = demo_dir / "hf_export"
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+  tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  ids = tok("Chest X-ray shows", return_tensors="pt").input_ids
+  with torch.no_grad():
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
+
+
+@pytest.mark.parametrize("source", ["reimported", "hf_export"])
+def test_generate_json_matches_library(demo_dir, source, capsys):
+  model_dir = str(demo_dir / source)
+  argv = ["--model", model_dir, "--max_new_tokens", "6", "--json", "--mesh", "2,2,2"]
+  for p in PROMPTS:
+    argv += ["--prompt", p]
+  assert generate_cli.main(argv) == 0
+  lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert [line["prompt"] for line in lines] == PROMPTS
+
+  mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  loaded = loading.load_model(model_dir, mesh)
+  expected = decode.generate(loaded.model, loaded.params, [loaded.tokenizer.encode(p) for p in PROMPTS],
+                             decode.SamplingConfig(max_new_tokens=6),
+                             eos_ids=loaded.config.eos_token_ids)
+  for line, ids in zip(lines, expected):
+    assert line["token_ids"] == ids
+    assert line["text"] == loaded.tokenizer.decode(ids)
+
+
+def test_generate_sampling_is_seeded(demo_dir, capsys):
+  base = ["--model", str(demo_dir / "reimported"), "--prompt", "Aspirin", "--max_new_tokens", "8",
+          "--json", "--temperature", "1.0", "--top_k", "50"]
+  runs = []
+  for seed in ("1", "1", "2"):
+    assert generate_cli.main(base + ["--seed", seed]) == 0
+    runs.append(json.loads(capsys.readouterr().out)["token_ids"])
+  assert runs[0] == runs[1]
+  assert runs[0] != runs[2]
+
+
+def test_convert_cli_round_trip_and_errors(demo_dir, tmp_path, capsys):
+  out = tmp_path / "again"
+  assert convert_cli.main(["hf-to-orbax", "--hf_dir", str(demo_dir / "hf_export"), "--out", str(out),
+                           "--dtype", "bfloat16"]) == 0
+  assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  assert convert_cli.main(["hf-to-orbax", "--hf_dir", str(demo_dir / "hf_export"), "--out",
+                           str(out)]) == 1
+  assert "already exists" in capsys.readouterr().err
+  assert convert_cli.main(["orbax-to-hf", "--ckpt", str(tmp_path / "missing"), "--out",
+                           str(tmp_path / "x")]) == 1
+  err = capsys.readouterr().err
+  assert "missing" in err and "config.json" in err
+  assert not (tmp_path / "x").exists()
