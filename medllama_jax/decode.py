@@ -1,23 +1,23 @@
-"""Batched generation and continuation scoring with a KV cache, for the generation CLI and the evaluator.
+"""Batched generation and continuation scoring with a KV cache (generation CLI and evaluator).
 
 Why it is built this way:
 
-* Prompts are left-padded to one length (``left_pad``) so that every row's last prompt token sits in the
-  same cache slot: the model's KV cache has one write index for the whole batch, and a single prefill
-  call over the padded block fills it. Padding carries segment id 0, which the attention mask keeps
-  apart from real tokens, and each row's positions count only its own tokens, so a row generates the
-  same ids whatever padding its batch-mates impose on it.
-* Prefill and the entire decode loop are one jitted function: a ``lax.while_loop`` feeds one token per
-  step, so there is no host round trip per token, a batch costs one compilation per (batch size, padded
-  length, sampling settings), and the loop exits as soon as every row has produced an end-of-sequence id.
-  The sampling seed and the EOS ids are traced, so changing them does not recompile.
-* ``score`` is teacher forcing in one forward pass: the per-continuation log-likelihood (and whether the
-  continuation is the greedy one) that log-likelihood multiple-choice evaluation needs, reduced on
-  device so the ``[batch, length, vocab]`` logits never reach the host.
+* Prompts are left-padded to one length (``left_pad``) so that every row's last prompt token sits
+  in the same cache slot: the model's KV cache has one write index for the whole batch, and a
+  single prefill call over the padded block fills it. Padding carries segment id 0, which the
+  attention mask keeps apart from real tokens, and each row's positions count only its own tokens,
+  so a row generates the same ids whatever padding its batch-mates impose on it.
+* Prefill and the entire decode loop are one jitted function: a ``lax.while_loop`` feeds one token
+  per step, so there is no host round trip per token, a batch costs one compilation per (batch
+  size, padded length, sampling settings), and the loop exits as soon as every row has produced an
+  end-of-sequence id. The seed and the EOS ids are traced, so changing them does not recompile.
+* ``score`` is teacher forcing in one forward pass: the per-continuation log-likelihood (and
+  whether the continuation is the greedy one) that log-likelihood multiple choice needs, reduced
+  on device so the ``[batch, length, vocab]`` logits never reach the host.
 
-End-of-sequence handling: generation for a row stops at its first id in ``eos_ids``; the returned ids are
-the ones before it (the EOS id itself is not included), and whatever a finished row computes while the
-rest of the batch continues is discarded.
+End of sequence: a row stops at its first id in ``eos_ids``; the returned ids are the ones before
+it (the EOS id itself is not included), and whatever a finished row computes while the rest of the
+batch goes on is discarded.
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ _CACHE_AXES = (None, "activation_batch", "activation_length", "activation_kv_hea
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """How to pick each next token: ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
+  """How each next token is picked, and how many at most.
+
+  ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` turn those filters off;
+  ``max_new_tokens`` bounds the sampled ids per row (an EOS counts, though it is not returned).
+  """
 
   temperature: float = 0.0
   top_k: int = 0
@@ -63,11 +67,11 @@ class SamplingConfig:
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None,
              bucket: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Right-aligns ``prompts`` in one ``[batch, L]`` block: ``(tokens, segment_ids, positions)``, int32.
+  """Right-aligns ``prompts`` in one ``[batch, L]`` block: ``(tokens, segment_ids, positions)``.
 
   ``L`` is ``length`` (default: the longest prompt) rounded up to a multiple of ``bucket``, so that
   batches of similar lengths share one compiled program. Real tokens have segment id 1 and positions
-  ``0..n-1``; padding has ``pad_id``, segment id 0 and position 0.
+  ``0..n-1``; padding has ``pad_id``, segment id 0 and position 0. All three are int32.
   """
   if not prompts:
     raise ValueError("left_pad: no prompts")
@@ -94,10 +98,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | No
 def sample_logits(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """Next-token ids ``[b]`` (int32) from ``logits`` ``[b, vocab]``.
 
-  Greedy argmax when ``cfg.temperature == 0``. Otherwise the logits are divided by the temperature,
-  restricted to the ``top_k`` largest, then to the nucleus: the smallest prefix of the remaining tokens,
-  by decreasing probability, whose probability mass reaches ``top_p`` (the most likely token is always
-  kept). Tokens tied with the last one kept are kept too. ``rng`` draws one sample per row.
+  Greedy argmax when ``cfg.temperature == 0``. Otherwise the logits are divided by the
+  temperature, restricted to the ``top_k`` largest, then to the nucleus: the smallest prefix of the
+  remaining tokens, by decreasing probability, whose mass reaches ``top_p`` (the most likely token
+  is always kept). Tokens tied with the last one kept are kept too. One sample per row from ``rng``.
   """
   if cfg.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -142,14 +146,14 @@ def _replicated(x: jax.Array, mesh: Mesh | None) -> jax.Array:
 
 
 def _rules_context(rules: partitioning.LogicalRules | None):
-  # Applied inside the traced function so that the static ``rules`` argument, which keys jit's cache,
-  # is also what the model's logical constraints resolve against.
+  # Entered inside the traced function so that the static ``rules`` argument, which keys jit's
+  # cache, is also what the model's logical constraints resolve against.
   return nn.logical_axis_rules(rules) if rules is not None else contextlib.nullcontext()
 
 
 def _place(arrays: Sequence[np.ndarray], mesh: Mesh | None,
            rules: partitioning.LogicalRules | None) -> list[jax.Array]:
-  """Puts ``[batch, length]`` host arrays on device, batch-sharded when a mesh is given and divides it."""
+  """Puts ``[batch, length]`` host arrays on device, batch-sharded where the mesh divides them."""
   if mesh is None:
     return [jnp.asarray(a) for a in arrays]
   return [jax.device_put(a, partitioning.shard_batch_spec(mesh, rules, a.shape)) for a in arrays]
@@ -160,10 +164,10 @@ def _generate_jit(params: Any, tokens: jax.Array, positions: jax.Array, segment_
                   eos: jax.Array, rng: jax.Array, *, model: Llama, sampling: SamplingConfig,
                   mesh: Mesh | None, rules: partitioning.LogicalRules | None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Prefill plus decode loop: ``(ids [b, max_new], kept lengths [b], number of sampling steps run)``.
+  """Prefill and decode loop: ``(ids [b, max_new], kept lengths [b], sampling steps run)``.
 
-  ``eos`` ``[n]`` holds the end-of-sequence ids. Row ``i``'s answer is ``ids[i, :lengths[i]]``: the ids
-  before its first EOS.
+  ``eos`` ``[n]`` holds the end-of-sequence ids. Row ``i``'s answer is ``ids[i, :lengths[i]]``:
+  the ids before its first EOS.
   """
   batch, prompt_len = tokens.shape
   max_new = sampling.max_new_tokens
@@ -172,7 +176,8 @@ def _generate_jit(params: Any, tokens: jax.Array, positions: jax.Array, segment_
     cache = KVCache.init(model.config, batch, prompt_len + max_new - 1)
     cache = cache._replace(key=_constrain(cache.key, _CACHE_AXES, mesh, rules),
                            value=_constrain(cache.value, _CACHE_AXES, mesh, rules))
-    logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache)
+    logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache,
+                                last_logits_only=True)
     first = sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), sampling)
     done = jnp.isin(first, eos)
     out = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first)
@@ -186,8 +191,8 @@ def _generate_jit(params: Any, tokens: jax.Array, positions: jax.Array, segment_
 
     def body(state):
       step, cache, last, pos, done, out, lengths = state
-      logits, cache = model.apply({"params": params}, last[:, None], pos[:, None], step_segment_ids,
-                                  cache=cache)
+      logits, cache = model.apply({"params": params}, last[:, None], pos[:, None],
+                                  step_segment_ids, cache=cache)
       token = sample_logits(logits[:, 0], jax.random.fold_in(rng, step), sampling)
       out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
       hit_eos = jnp.isin(token, eos)
@@ -205,18 +210,21 @@ def generate(model: Llama, params: Any, prompts: Sequence[Sequence[int]], sampli
   """Continues each prompt; returns only the new ids per prompt, without the EOS that ended it.
 
   Each row stops at its first id in ``eos_ids`` (excluded from the result) or after
-  ``sampling.max_new_tokens`` ids; the loop ends when every row has stopped. ``prompts`` must be non-empty
-  token lists. With ``mesh`` (``rules`` default to ``partitioning.logical_axis_rules()``), the call runs
-  under ``partitioning.activate`` with the batch sharded over the data axes when they divide it;
-  ``params`` must already be placed (e.g. with ``partitioning.param_shardings``). ``bucket`` rounds the
-  padded prompt length up to limit recompilation. The result depends only on the inputs and
-  ``sampling.seed``; in sampling mode a row's ids also depend on the batch it is part of.
+  ``sampling.max_new_tokens`` ids; the loop ends when every row has stopped. Every prompt needs at
+  least one token. With ``mesh`` (``rules`` default to ``partitioning.logical_axis_rules()``) the
+  call runs under ``partitioning.activate``, the batch sharded over the data axes where they
+  divide it; ``params`` must already be placed (e.g. with ``partitioning.param_shardings``).
+  ``bucket`` rounds the padded prompt length up, to limit recompilation. The result is a function
+  of the inputs and ``sampling.seed``; when sampling, a row's ids also depend on its batch-mates.
   """
   if any(len(p) == 0 for p in prompts):
     raise ValueError("generate: every prompt needs at least one token")
   tokens, segment_ids, positions = left_pad(prompts, pad_id, bucket=bucket)
   rules = _rules_for(mesh, rules)
-  eos = np.asarray(list(eos_ids), np.int32)
+  # Padded with -1 (never sampled) to a multiple of 8: the number of EOS ids rarely recompiles.
+  eos_ids = [int(e) for e in eos_ids]
+  eos = np.full(-(-max(len(eos_ids), 1) // 8) * 8, -1, np.int32)
+  eos[:len(eos_ids)] = eos_ids
   context = partitioning.activate(mesh, rules) if mesh is not None else contextlib.nullcontext()
   with context:
     tokens, positions, segment_ids = _place((tokens, positions, segment_ids), mesh, rules)
@@ -232,7 +240,7 @@ def generate(model: Llama, params: Any, prompts: Sequence[Sequence[int]], sampli
 def _score_jit(params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                is_target: jax.Array, *, model: Llama, mesh: Mesh | None,
                rules: partitioning.LogicalRules | None) -> tuple[jax.Array, jax.Array]:
-  """Sum of target-token log-probabilities ``[b]`` and whether every target is the argmax ``[b]``."""
+  """Sum of the target tokens' log-probabilities ``[b]``; whether every target is the argmax."""
   with _rules_context(rules):
     logits, _ = model.apply({"params": params}, tokens, positions, segment_ids)
   logits, targets, mask = logits[:, :-1], tokens[:, 1:], is_target[:, 1:]
@@ -253,7 +261,7 @@ def score(model: Llama, params: Any,
   non-empty. ``mesh``, ``rules`` and ``bucket`` are as for ``generate``.
   """
   for i, (prompt, continuation) in enumerate(prompts_and_continuations):
-    if not prompt or not continuation:
+    if len(prompt) == 0 or len(continuation) == 0:
       raise ValueError(f"score: pair {i} has an empty prompt or continuation")
   sequences = [list(p) + list(c) for p, c in prompts_and_continuations]
   tokens, segment_ids, positions = left_pad(sequences, pad_id, bucket=bucket)

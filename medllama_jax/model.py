@@ -199,7 +199,10 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-               cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+               cache: KVCache | None = None, last_logits_only: bool = False
+               ) -> tuple[Array, KVCache | None]:
+    """``last_logits_only`` computes logits for the final position alone (a decoding prefill needs no
+    more, and ``[batch, length, vocab]`` float32 logits of a long prompt are large)."""
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions is None:
@@ -209,7 +212,10 @@ class Llama(nn.Module):
 
     embedding = _param(self, "embed_tokens", nn.initializers.normal(1.0),
                        (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    # FSDP gathers the model dimension of the table before the lookup (as for any weight), so the gather
+    # only has to combine vocabulary shards.
+    table = nn.with_logical_constraint(embedding, ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     cache_segment_ids = cache_index = None
@@ -243,6 +249,8 @@ class Llama(nn.Module):
       new_layer_caches = None if cache is None else LayerCache(
           jnp.stack([c.key for c in per_layer]), jnp.stack([c.value for c in per_layer]))
 
+    if last_logits_only:
+      x = x[:, -1:]
     x = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="norm")(x)
     if cfg.tie_word_embeddings:
       head = embedding.T

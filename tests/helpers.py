@@ -145,13 +145,19 @@ def meta_state_dict(model: transformers.LlamaForCausalLM) -> dict[str, torch.Ten
 
 
 def write_meta_checkpoint(model: transformers.LlamaForCausalLM, directory: os.PathLike | str,
-                          num_shards: int, multiple_of: int = 256,
+                          num_shards: int, multiple_of: int = 256, rope_freqs: bool = False,
                           **params_overrides: Any) -> str:
-  """``consolidated.NN.pth`` (one per model-parallel rank) and ``params.json`` for ``model``."""
+  """``consolidated.NN.pth`` (one per model-parallel rank) and ``params.json`` for ``model``.
+
+  ``rope_freqs`` adds the ``rope.freqs`` buffer early Meta releases carry in every shard.
+  """
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   cfg = model.config
   state = meta_state_dict(model)
+  if rope_freqs:
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    state["rope.freqs"] = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
   for rank in range(num_shards):
     shard = {}
     for name, value in state.items():

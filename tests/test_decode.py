@@ -1,7 +1,7 @@
 """Tests for medllama_jax.decode on CPU with random tiny models.
 
-The reference for the KV-cache decoder is the model without a cache, re-run over the whole sequence at
-every step; sharded runs use 8 virtual CPU devices.
+The reference for the KV-cache decoder is the model without a cache, re-run over the whole sequence
+at every step; sharded runs use 8 virtual CPU devices.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest  # noqa: E402
 
 from medllama_jax import decode, partitioning  # noqa: E402
 from medllama_jax.config import get_config  # noqa: E402
-from medllama_jax.model import Llama  # noqa: E402
 from medllama_jax.decode import SamplingConfig  # noqa: E402
+from medllama_jax.model import Llama  # noqa: E402
 
 PROMPTS = [[5, 17, 33], [101, 7, 250, 3, 9, 44, 61], list(range(200, 212))]  # lengths 3, 7, 12
 GREEDY = SamplingConfig(max_new_tokens=5)
@@ -57,8 +57,8 @@ def right_pad_tail(tokens, segment_ids, positions, extra: int):
 def reference_greedy(model: Llama, params: dict, prompts, steps: int) -> list[list[int]]:
   """Greedy decoding with no cache: a full forward over prompt + generated-so-far at every step.
 
-  Each step's sequences are left-padded exactly as ``generate`` pads them; a padded tail on the right
-  keeps every step's shape the same (one compilation) without changing the logits read.
+  Each step's sequences are left-padded exactly as ``generate`` pads them; a padded tail on the
+  right keeps every step's shape the same (one compilation) without changing the logits read.
   """
   generated = [[] for _ in prompts]
   for step in range(steps):
@@ -81,6 +81,17 @@ def test_left_pad():
     decode.left_pad([[1, 2, 3]], length=2)
 
 
+def test_invalid_arguments():
+  for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(max_new_tokens=0)):
+    with pytest.raises(ValueError):
+      SamplingConfig(**bad)
+  model, params = make_model()
+  with pytest.raises(ValueError):
+    decode.generate(model, params, [[1], []], GREEDY, eos_ids=())
+  with pytest.raises(ValueError):
+    decode.score(model, params, [([1], [])])
+
+
 @pytest.mark.parametrize("scan_layers,num_kv_heads", MODEL_VARIANTS)
 def test_cached_greedy_matches_full_recompute(scan_layers, num_kv_heads):
   model, params = make_model(scan_layers, num_kv_heads)
@@ -96,10 +107,16 @@ def test_batched_equals_one_at_a_time():
   assert batched == alone
 
 
+def cut_at_eos(ids: list[int], eos_ids) -> list[int]:
+  return ids[:next((i for i, t in enumerate(ids) if t in eos_ids), len(ids))]
+
+
 def _run_raw(model, params, prompts, sampling, eos_ids):
   tokens, segment_ids, positions = decode.left_pad(prompts)
+  eos = np.full(8, -1, np.int32)
+  eos[:len(eos_ids)] = eos_ids
   out, lengths, steps = decode._generate_jit(
-      params, tokens, positions, segment_ids, np.asarray(eos_ids, np.int32),
+      params, tokens, positions, segment_ids, eos,
       jax.random.key(sampling.seed), model=model, sampling=sampling, mesh=None, rules=None)
   return np.asarray(out), np.asarray(lengths), int(steps)
 
@@ -111,23 +128,21 @@ def test_eos_truncates_and_is_excluded():
   # The first token of row 0 at step >= 2 that it has not emitted before becomes the EOS id.
   step = next(s for s in range(2, len(free[0])) if free[0][s] not in free[0][:s])
   eos = free[0][step]
-  expected = [g[:g.index(eos)] if eos in g else g for g in free]
   got = decode.generate(model, params, PROMPTS, GREEDY, eos_ids=(eos,))
-  assert got == expected
   assert got[0] == free[0][:step]
+  assert got == [cut_at_eos(g, (eos,)) for g in free]
   # Any of several EOS ids ends a row.
-  eos2 = free[1][1]
-  both = decode.generate(model, params, PROMPTS, GREEDY, eos_ids=(eos, eos2))
-  assert both == [[t for t in g[:next((i for i, t in enumerate(g) if t in (eos, eos2)), len(g))]]
-                  for g in free]
+  both = (eos, free[1][1])
+  assert decode.generate(model, params, PROMPTS, GREEDY, eos_ids=both) == [
+      cut_at_eos(g, both) for g in free]
 
 
 def test_early_stop_when_all_rows_done():
   model, params = make_model()
-  sampling = SamplingConfig(max_new_tokens=8)
+  sampling = GREEDY
   free = decode.generate(model, params, PROMPTS, sampling, eos_ids=())
   _, lengths, steps = _run_raw(model, params, PROMPTS, sampling, ())
-  assert steps == sampling.max_new_tokens and list(lengths) == [8, 8, 8]
+  assert steps == sampling.max_new_tokens and list(lengths) == [5, 5, 5]
   # Every row's first token is an EOS id: one sampling step (the prefill's), nothing returned.
   first_tokens = sorted({g[0] for g in free})
   _, lengths, steps = _run_raw(model, params, PROMPTS, sampling, first_tokens)
@@ -135,7 +150,7 @@ def test_early_stop_when_all_rows_done():
   assert decode.generate(model, params, PROMPTS, sampling, eos_ids=first_tokens) == [[], [], []]
   # Otherwise the loop runs until the last row finishes, not to max_new_tokens.
   eos_ids = sorted({free[0][0], free[1][0], free[2][2]})
-  first_eos = [next((i for i, t in enumerate(g) if t in eos_ids), len(g)) for g in free]
+  first_eos = [len(cut_at_eos(g, eos_ids)) for g in free]
   _, lengths, steps = _run_raw(model, params, PROMPTS, sampling, eos_ids)
   assert list(lengths) == first_eos
   assert steps == min(max(first_eos) + 1, sampling.max_new_tokens) < sampling.max_new_tokens
@@ -143,19 +158,24 @@ def test_early_stop_when_all_rows_done():
 
 def test_sampling_seed_determinism_and_greedy_limits():
   model, params = make_model()
-  hot = SamplingConfig(temperature=2.0, max_new_tokens=6, seed=1)
+  hot = SamplingConfig(temperature=2.0, max_new_tokens=5, seed=1)
   first = decode.generate(model, params, PROMPTS, hot, eos_ids=())
   assert decode.generate(model, params, PROMPTS, hot, eos_ids=()) == first
-  other = decode.generate(model, params, PROMPTS, SamplingConfig(temperature=2.0, max_new_tokens=6,
-                                                                 seed=2), eos_ids=())
+  other = decode.generate(model, params, PROMPTS, dataclasses.replace(hot, seed=2), eos_ids=())
   assert other != first
   greedy = decode.generate(model, params, PROMPTS, dataclasses.replace(hot, temperature=0.0),
                            eos_ids=())
   assert greedy != first
-  top1 = SamplingConfig(temperature=2.0, top_k=1, max_new_tokens=6, seed=3)
+  top1 = SamplingConfig(temperature=2.0, top_k=1, max_new_tokens=5, seed=3)
   assert decode.generate(model, params, PROMPTS, top1, eos_ids=()) == greedy
-  nucleus = SamplingConfig(temperature=2.0, top_p=1e-6, max_new_tokens=6, seed=3)
-  assert decode.generate(model, params, PROMPTS, nucleus, eos_ids=()) == greedy
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+  logits = jax.random.normal(jax.random.key(7), (1000, 512))
+  greedy = np.asarray(decode.sample_logits(logits, jax.random.key(0), SamplingConfig()))
+  for cfg in (SamplingConfig(temperature=5.0, top_k=1),
+              SamplingConfig(temperature=5.0, top_p=1e-6)):
+    np.testing.assert_array_equal(decode.sample_logits(logits, jax.random.key(8), cfg), greedy)
 
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
@@ -184,7 +204,8 @@ def test_top_k_and_top_p_filters():
   freqs = _frequencies(SamplingConfig(temperature=1.0, top_k=3, seed=5))
   assert np.all(freqs[3:] == 0)  # never outside the top 3
   np.testing.assert_allclose(freqs[:3], _softmax(LOGITS[:3]), atol=FREQ_TOL)
-  # softmax(LOGITS) = .561, .206, .125, .076, ...: mass before token 2 is .767 < .8, before 3 is .892.
+  # softmax(LOGITS) = .561, .206, .125, .076, ...: the mass before token 2 is .767 < .8, before
+  # token 3 it is .892, so the nucleus is tokens 0-2.
   freqs = _frequencies(SamplingConfig(temperature=1.0, top_p=0.8, seed=6))
   assert np.all(freqs[3:] == 0)
   np.testing.assert_allclose(freqs[:3], _softmax(LOGITS[:3]), atol=FREQ_TOL)
@@ -195,7 +216,7 @@ def test_top_k_and_top_p_filters():
 
 def test_score_matches_full_forward_log_softmax():
   model, params = make_model()
-  greedy = decode.generate(model, params, PROMPTS[:2], SamplingConfig(max_new_tokens=3), eos_ids=())
+  greedy = decode.generate(model, params, PROMPTS, GREEDY, eos_ids=())
   pairs = [(PROMPTS[0], greedy[0]), (PROMPTS[1], greedy[1][:2]), (PROMPTS[2], [1, 2, 3, 4]),
            ([9], [greedy[0][0]])]
   got = decode.score(model, params, pairs, bucket=8)
@@ -217,14 +238,28 @@ def test_score_matches_full_forward_log_softmax():
   assert got[2][1] is False
 
 
-@pytest.mark.parametrize("prompts", [PROMPTS + [[8, 8]], PROMPTS], ids=["batch4", "batch3"])
-def test_sharded_generation_matches_unsharded(prompts):
+def _sharded():
   model, params = make_model()
   mesh = partitioning.make_mesh(2, 2, 2)
   rules = partitioning.logical_axis_rules()
   sharded = jax.device_put(params, partitioning.param_shardings(model, mesh, rules))
+  return model, params, sharded, mesh, rules
+
+
+# Batch 4 is split over data x fsdp = 4 devices; batch 3 is not, so its inputs are replicated.
+@pytest.mark.parametrize("prompts", [PROMPTS + [[8, 8]], PROMPTS], ids=["batch4", "batch3"])
+def test_sharded_generation_matches_unsharded(prompts):
+  model, params, sharded, mesh, rules = _sharded()
   expected = decode.generate(model, params, prompts, GREEDY, eos_ids=())
-  assert decode.generate(model, sharded, prompts, GREEDY, eos_ids=(), mesh=mesh, rules=rules) == expected
-  pairs = [(p, g) for p, g in zip(prompts, expected)]
-  np.testing.assert_allclose(decode.score(model, sharded, pairs, mesh=mesh, rules=rules),
-                             decode.score(model, params, pairs), rtol=1e-5, atol=1e-4)
+  got = decode.generate(model, sharded, prompts, GREEDY, eos_ids=(), mesh=mesh, rules=rules)
+  assert got == expected
+
+
+def test_sharded_score_matches_unsharded():
+  model, params, sharded, mesh, rules = _sharded()
+  pairs = [(p, [7, 11]) for p in PROMPTS + [[8, 8]]]
+  got = decode.score(model, sharded, pairs, mesh=mesh, rules=rules, bucket=16)
+  expected = decode.score(model, params, pairs, bucket=16)
+  np.testing.assert_allclose([lp for lp, _ in got], [lp for lp, _ in expected], rtol=1e-5,
+                             atol=1e-4)
+  assert [g for _, g in got] == [g for _, g in expected]

@@ -1,0 +1,1 @@
+"""Training: optimizer, train state and the sharded train step (pre-training and instruction tuning)."""
