@@ -6,13 +6,13 @@ from setuptools import find_packages, setup
 setup(
     name="medllama-jax",
     version="0.1.0",
-    description="Me-LLaMA in JAX/Flax: LLaMA2 sharded over a mesh, HF/Meta converters, generation.",
+    description="Me-LLaMA in JAX/Flax: LLaMA2 sharded over a mesh, continual pre-training on seqio mixtures, HF/Meta converters, generation.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["medllama_jax", "medllama_jax.*", "seqio_tasks", "seqio_tasks.*"]),
-    package_data={"medllama_jax": ["demo_data/*"]},
+    package_data={"medllama_jax": ["demo_data/*", "demo_data/corpora/*", "demo_data/corpora/**/*"]},
     install_requires=[
         "absl-py>=2.1",
         "jax>=0.7,<0.11",
@@ -23,6 +23,8 @@ setup(
         "tensorflow-datasets>=4.9",
         "sentencepiece>=0.2",
         "gin-config>=0.5",
+        "clu>=0.0.10",
+        "tensorboard>=2.15",
         "tokenizers>=0.20",
         "ml_dtypes>=0.5",
         "numpy>=1.26",
@@ -31,6 +33,8 @@ setup(
     extras_require={
         # Reading PyTorch pickles (HF pytorch_model*.bin, Meta consolidated.*.pth).
         "torch": ["torch==2.13.0"],
+        # The demo's check that transformers loads the exported folder and gets the same logits.
+        "hf": ["torch==2.13.0", "transformers>=4.45", "safetensors>=0.4"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -43,6 +47,7 @@ setup(
         "console_scripts": [
             "medllama-convert=medllama_jax.convert.cli:run",
             "medllama-generate=medllama_jax.generate_cli:run",
+            "medllama-train=medllama_jax.train.cli:run",
         ],
     },
 )

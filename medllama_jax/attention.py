@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 # A large finite negative rather than -inf: a fully masked row then gives a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -54,6 +55,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                                       implementation=implementation)
 
 
+def splash_block_size(seq_len: int) -> int | None:
+  """The splash tile for ``seq_len``: the largest of 512, 256, 128 that divides it, else None.
+
+  The kernel tiles the sequence in blocks whose length is a multiple of the 128-lane TPU register,
+  so an evenly dividing block is required; the largest one keeps the per-tile overhead lowest.
+  """
+  return next((block for block in (512, 256, 128) if seq_len % block == 0), None)
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
                      kv_segment_ids: jax.Array, interpret: bool = False) -> jax.Array:
   """Pallas splash attention (TPU): causal with segment ids, without a cache offset.
@@ -66,8 +76,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
   b, t, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
-  block = min(512, t)
-  if t % block or t % 128:
+  block = splash_block_size(t)
+  if block is None:
     raise ValueError(f"splash attention needs a sequence length divisible by 128; got {t}")
   sizes = sk.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
@@ -89,12 +99,22 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
            kv_segment_ids: jax.Array, q_offset: jax.Array | int, impl: str) -> jax.Array:
-  """Dispatches to the selected back-end; all compute the mask rule of this module."""
+  """Dispatches to the selected back-end; all compute the mask rule of this module.
+
+  Splash only covers what its kernel can tile: a full (not cached) sequence whose length a splash
+  block divides. Anything else (decoding with a KV cache, which needs a query offset; the (1, 1)
+  batch that parameter initialisation traces; a ragged length) runs the XLA path, which computes the
+  same function, so choosing splash never makes a model unusable at some length.
+  """
   if impl == "splash":
-    if isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]:
+    full_sequence = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+    if full_sequence and splash_block_size(q.shape[1]) is not None:
       return splash_attention(q, k, v, q_segment_ids, kv_segment_ids,
                               interpret=jax.default_backend() != "tpu")
-    impl = "xla"  # Decoding with a cache: splash has no query offset; use the einsum path.
+    if full_sequence:  # A cache offset is splash's documented limit; a length is worth a note.
+      logging.info("splash attention cannot tile sequence length %d (needs a multiple of 128); "
+                   "using the XLA attention path", q.shape[1])
+    impl = "xla"
   mask = attention_mask(q_segment_ids, kv_segment_ids, q_offset)
   if impl == "xla":
     return xla_attention(q, k, v, mask)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "nothing_saveable")
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash")
+STORED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +135,11 @@ class LlamaConfig:
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json", **runtime: Any) -> "LlamaConfig":
-    """Builds a config from a HF ``config.json`` dict; refuses what this model would compute wrongly."""
+    """Builds a config from a HF ``config.json`` dict; refuses what this model would compute wrongly.
+
+    ``runtime`` sets how the model runs. ``param_dtype`` defaults to the stored ``torch_dtype``, so
+    a checkpoint loads in the precision it was saved in; a ``param_dtype`` given here wins.
+    """
     model_type = hf.get("model_type", "llama")
     if model_type not in ("llama", "mistral") or (model_type == "mistral" and hf.get("sliding_window")):
       raise ValueError(f"{source}: model_type={model_type!r} is not a LLaMA-family decoder")
@@ -161,6 +166,10 @@ class LlamaConfig:
       rope_scaling = None
     if rope_scaling is not None and "rope_type" not in rope_scaling:
       rope_scaling = {**rope_scaling, "rope_type": rope_scaling.get("type")}
+    if "param_dtype" not in runtime:
+      stored_dtype = _stored_dtype(hf, source)
+      if stored_dtype is not None:
+        runtime = {**runtime, "param_dtype": stored_dtype}
     try:
       return cls(
           vocab_size=hf["vocab_size"],
@@ -200,6 +209,24 @@ class LlamaConfig:
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON ({e})") from e
     return cls.from_hf_dict(hf, source=path, **runtime)
+
+
+def _stored_dtype(hf: dict[str, Any], source: str) -> str | None:
+  """The weights' dtype recorded in ``config.json``, as a ``param_dtype``; None when unrecorded.
+
+  transformers writes ``torch_dtype`` (``dtype`` from version 5; older files may say
+  ``"torch.float16"``). Loading keeps the stored precision by default, so a bfloat16 checkpoint is
+  not silently doubled in memory; "auto" or no entry leaves the float32 default.
+  """
+  key = "dtype" if hf.get("dtype") is not None else "torch_dtype"
+  name = hf.get(key)
+  if name in (None, "auto"):
+    return None
+  dtype = str(name).removeprefix("torch.")
+  if dtype not in STORED_DTYPES:
+    raise ValueError(f"{source}: {key}={name!r} is not supported; weights must be one of "
+                     f"{STORED_DTYPES}")
+  return dtype
 
 
 PRESETS: dict[str, LlamaConfig] = {

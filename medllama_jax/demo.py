@@ -1,15 +1,20 @@
-"""The embedded default job: build a small LLaMA, round-trip it through the converters, generate.
+"""The embedded default job: Me-LLaMA's continual pre-training cycle, end to end, small, on CPU.
 
   python -m medllama_jax.demo --out demo_output
 
-Runs on CPU in about a minute with 8 simulated devices. Steps, each printed with where it wrote:
-  1. train a SentencePiece tokenizer (LLaMA conventions) on the medical text shipped in the package;
-  2. initialise a small LLaMA directly sharded on a data×fsdp×tensor = 2×2×2 mesh and save it as a
-     model folder (Orbax ``params/`` + ``config.json`` + tokenizer);
-  3. ``orbax-to-hf``: export it to a Hugging Face folder (sharded safetensors + index);
-  4. ``hf-to-orbax``: import that folder back and check every tensor is bit-identical;
-  5. generate from medical prompts with the KV-cache decoder on the same mesh.
-The weights are random until the training stage exists, so the generated text is not meaningful.
+Runs in a few minutes on 8 simulated CPU devices (a data × fsdp × tensor = 2 × 2 × 2 mesh). Steps, each
+printed with where it wrote:
+  1. train a SentencePiece tokenizer (LLaMA conventions) on the text shipped in the package;
+  2. prepare the shipped raw corpus samples (PubMed XML, PMC JATS, MIMIC-III/IV note CSVs, MIMIC-CXR
+     reports, RedPajama jsonl; all invented text) into TFRecord shards, as ``scripts/prepare_corpus.py``
+     does for the real corpora;
+  3. write the starting model folder (a random small LLaMA standing in for a converted LLaMA2);
+  4. continue its pre-training with ``medllama-train`` on the 15 : 1 : 4 seqio mixture
+     (``gin/demo/pretrain_demo.gin``), kill the run with SIGKILL after a checkpoint, and resume it with
+     the same command to the end;
+  5. ``orbax-to-hf``: export the trained model to a Hugging Face folder, check that ``transformers``
+     loads it and computes the same logits (when transformers is installed), and re-import it bit for bit;
+  6. generate from medical prompts with the KV-cache decoder on the same mesh.
 """
 
 from __future__ import annotations
@@ -19,87 +24,190 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
+import glob  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from importlib import resources  # noqa: E402
 
+import gin  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
 from medllama_jax import checkpointing, decode, loading, logs, partitioning, tokenizer  # noqa: E402
-from medllama_jax.config import get_config  # noqa: E402
+from medllama_jax.config import LlamaConfig, model_config  # noqa: E402
 from medllama_jax.convert import hf  # noqa: E402
+from medllama_jax.data import records  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
 
 DEMO_PROMPTS = ("The patient presented with", "Metformin is a first-line treatment for")
+DEMO_GIN = "demo/pretrain_demo.gin"
+KILL_AFTER_STEP = 20
+
+# Corpus folder (a task of the pre-training mixture) → (preparer format, shipped sample).
+DEMO_CORPORA = {
+    "pubmed_abstracts": ("pubmed_xml", "pubmed_sample.xml.gz"),
+    "pmc_fulltext": ("pmc_nxml", "pmc_oa_sample"),
+    "mimic_iii_notes": ("mimic_iii_notes", "mimic_iii_noteevents_sample.csv.gz"),
+    "mimic_iv_notes": ("mimic_iv_notes", "mimic_iv_discharge_sample.csv.gz"),
+    "mimic_cxr_reports": ("mimic_cxr", "mimic_cxr_sample"),
+    "redpajama": ("jsonl", "redpajama_sample.jsonl"),
+}
+
+
+def demo_data_path(*parts: str) -> str:
+  return str(resources.files("medllama_jax").joinpath("demo_data", *parts))
 
 
 def demo_text_path() -> str:
-  return str(resources.files("medllama_jax") / "demo_data" / "medical_notes.txt")
+  return demo_data_path("medical_notes.txt")
 
 
-def build_model_folder(out_dir: str, mesh: jax.sharding.Mesh, vocab_size: int = 1024,
-                       seed: int = 0) -> str:
-  """A small random LLaMA with a tokenizer trained on the demo text, saved as a model folder."""
+def train_tokenizer(out_dir: str, vocab_size: int) -> str:
+  """A LLaMA-convention SentencePiece model (+ HF tokenizer config) in ``out_dir``."""
   os.makedirs(out_dir)
   sp_model = tokenizer.train_sentencepiece(demo_text_path(), os.path.join(out_dir, "tokenizer"),
                                            vocab_size)
   os.replace(sp_model, os.path.join(out_dir, tokenizer.SENTENCEPIECE_FILE))
   os.remove(os.path.join(out_dir, "tokenizer.vocab"))
   tokenizer.write_hf_tokenizer_config(out_dir, tokenizer.load_tokenizer(out_dir))
-  config = get_config("small", vocab_size=vocab_size, num_layers=4, hidden_size=256,
-                      intermediate_size=688, num_heads=8, num_kv_heads=4, scan_layers=False)
-  rules = partitioning.logical_axis_rules()
-  params = partitioning.init_params(Llama(config), mesh, rules, jax.random.key(seed))
+  return out_dir
+
+
+def prepare_corpora(data_dir: str) -> dict[str, dict]:
+  """Each shipped raw sample → ``data_dir/<corpus>``; returns the preparers' summaries."""
+  return {corpus: records.prepare(fmt, [demo_data_path("corpora", sample)],
+                                  os.path.join(data_dir, corpus), num_shards=2,
+                                  validation_fraction=0.2)
+          for corpus, (fmt, sample) in DEMO_CORPORA.items()}
+
+
+def write_init_model(out_dir: str, config: LlamaConfig, tokenizer_dir: str, mesh: jax.sharding.Mesh,
+                     seed: int = 0) -> str:
+  """A random LLaMA of ``config`` saved as a model folder (what ``medllama-convert`` writes)."""
+  params = partitioning.init_params(Llama(config), mesh, partitioning.logical_axis_rules(),
+                                    jax.random.key(seed))
   checkpointing.save_params(os.path.join(out_dir, checkpointing.PARAMS_DIR), params)
   config.save_hf_json(out_dir)
+  tokenizer.copy_tokenizer_files(tokenizer_dir, out_dir)
   return out_dir
+
+
+def demo_model_config() -> LlamaConfig:
+  """The model that ``gin/demo/pretrain_demo.gin`` trains."""
+  from medllama_jax.train import cli  # The trainer's gin search path; imports seqio_tasks.
+  with gin.unlock_config():
+    cli.parse_gin([DEMO_GIN], ["RUN_DIR = ''", "DATA_DIR = ''", "INIT_CHECKPOINT = ''"], [])
+  config = model_config()
+  gin.clear_config()
+  return config
+
+
+def complete_checkpoints(run_dir: str) -> list[int]:
+  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*"))
+                if os.path.basename(p).isdigit())
+
+
+def run_training(run_dir: str, data_dir: str, init_dir: str, kill_after: int | None) -> int:
+  """``medllama-train`` on the demo recipe; with ``kill_after``, SIGKILL once that step is saved."""
+  command = [sys.executable, "-m", "medllama_jax.train.cli", f"--gin_file={DEMO_GIN}",
+             f"--gin.RUN_DIR='{run_dir}'", f"--gin.DATA_DIR='{data_dir}'",
+             f"--gin.INIT_CHECKPOINT='{init_dir}'"]
+  with open(os.path.join(os.path.dirname(run_dir), "train.log"), "a") as log:
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    while kill_after is not None and process.poll() is None:
+      if any(step >= kill_after for step in complete_checkpoints(run_dir)):
+        process.send_signal(signal.SIGKILL)
+        break
+      time.sleep(0.2)
+    return process.wait()
+
+
+def export_and_check(model_dir: str, hf_dir: str, reimport_dir: str, mesh) -> str:
+  """HF export; transformers' logits vs ours (if installed); HF → Orbax re-import bit for bit."""
+  hf.orbax_to_hf(model_dir, hf_dir, max_shard_bytes=4 * 1024**2)
+  hf.hf_to_orbax(hf_dir, reimport_dir)
+  original = os.path.join(model_dir, checkpointing.PARAMS_DIR)
+  copy = os.path.join(reimport_dir, checkpointing.PARAMS_DIR)
+  names = list(checkpointing.params_metadata(original))
+  a, b = checkpointing.read_tensors(original, names), checkpointing.read_tensors(copy, names)
+  if not all(np.array_equal(a[n], b[n]) for n in names):
+    raise RuntimeError(f"{reimport_dir}: the HF round trip changed the weights")
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    return f"{len(names)} tensors re-imported bit-identical (transformers not installed)"
+  ours = loading.load_model(model_dir, mesh)
+  ids = ours.tokenizer.encode(DEMO_PROMPTS[0])
+  with torch.no_grad():
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)(
+        torch.tensor([ids])).logits[0].numpy()
+  tokens = np.asarray([ids], np.int32)
+  logits, _ = ours.model.apply({"params": ours.params}, tokens)
+  diff = float(np.max(np.abs(np.asarray(logits[0]) - theirs)))
+  return (f"{len(names)} tensors re-imported bit-identical; transformers loads it, "
+          f"max |logit difference| {diff:.2e}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m medllama_jax.demo", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
-  parser.add_argument("--mesh", default="2,2,2", help="data,fsdp,tensor sizes")
   parser.add_argument("--max_new_tokens", type=int, default=24)
   args = parser.parse_args(argv)
   logs.setup()
   out = os.path.abspath(args.out)
   if os.path.exists(out):
     shutil.rmtree(out)
-  mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(args.mesh))
-  print(f"[1/5] devices: {jax.device_count()} × {jax.devices()[0].platform}, mesh {dict(mesh.shape)}")
+  os.makedirs(out)
+  config = demo_model_config()
+  mesh = partitioning.make_mesh(2, 2, 2)
+  print(f"devices: {jax.device_count()} × {jax.devices()[0].platform}, mesh {dict(mesh.shape)}")
 
-  model_dir = build_model_folder(os.path.join(out, "model"), mesh)
-  print(f"[2/5] model folder (Orbax params + config.json + tokenizer): {model_dir}")
+  tok_dir = train_tokenizer(os.path.join(out, "tokenizer"), config.vocab_size)
+  print(f"[1/6] SentencePiece tokenizer ({config.vocab_size} pieces): {tok_dir}")
 
-  hf_dir = hf.orbax_to_hf(model_dir, os.path.join(out, "hf_export"), max_shard_bytes=4 * 1024**2)
-  print(f"[3/5] Hugging Face export (transformers loads it): {hf_dir}")
+  data_dir = os.path.join(out, "data")
+  summaries = prepare_corpora(data_dir)
+  counts = ", ".join(f"{c} {s['records_written'].get('train', 0)}+"
+                     f"{s['records_written'].get('validation', 0)}" for c, s in summaries.items())
+  print(f"[2/6] prepared corpora (train+validation records: {counts}): {data_dir}")
 
-  reimported = os.path.join(out, "reimported")
-  hf.hf_to_orbax(hf_dir, reimported)
-  original = os.path.join(model_dir, checkpointing.PARAMS_DIR)
-  copy = os.path.join(reimported, checkpointing.PARAMS_DIR)
-  names = list(checkpointing.params_metadata(original))
-  a, b = checkpointing.read_tensors(original, names), checkpointing.read_tensors(copy, names)
-  if not all(np.array_equal(a[n], b[n]) for n in names):
-    print("round trip changed the weights", file=sys.stderr)
+  init_dir = write_init_model(os.path.join(out, "init_model"), config, tok_dir, mesh)
+  print(f"[3/6] starting model folder (random, {config.num_params():,} parameters): {init_dir}")
+
+  run_dir = os.path.join(out, "run")
+  killed = run_training(run_dir, data_dir, init_dir, kill_after=KILL_AFTER_STEP)
+  saved = complete_checkpoints(run_dir)
+  print(f"      training killed with SIGKILL (exit {killed}) with checkpoints {saved}; resuming")
+  if run_training(run_dir, data_dir, init_dir, kill_after=None) != 0:
+    print(f"training failed: see {os.path.join(out, 'train.log')}", file=sys.stderr)
     return 1
-  print(f"[4/5] HF → Orbax re-import, {len(names)} tensors bit-identical: {reimported}")
+  model_dir = os.path.join(run_dir, "final_model")
+  print(f"[4/6] continual pre-training (log {os.path.join(out, 'train.log')}, TensorBoard "
+        f"{os.path.join(run_dir, 'tensorboard')}): {model_dir}")
 
-  loaded = loading.load_model(reimported, mesh)
+  hf_dir = os.path.join(out, "hf_export")
+  check = export_and_check(model_dir, hf_dir, os.path.join(out, "reimported"), mesh)
+  print(f"[5/6] Hugging Face export ({check}): {hf_dir}")
+
+  loaded = loading.load_model(model_dir, mesh)
   tok = loaded.tokenizer
   sampling = decode.SamplingConfig(max_new_tokens=args.max_new_tokens)
   outputs = decode.generate(loaded.model, loaded.params, [tok.encode(p) for p in DEMO_PROMPTS],
                             sampling, eos_ids=(tok.eos_id,), mesh=mesh, rules=loaded.rules)
-  print("[5/5] greedy generation with the KV cache (random weights: the words are noise):")
+  print("[6/6] greedy generation with the KV cache:")
   for prompt, ids in zip(DEMO_PROMPTS, outputs):
     print(f"      {prompt!r} → {tok.decode(ids)!r}")
   logging.info("demo finished")
   print(f"\nEverything is under {out}. Try:\n"
-        f"  medllama-generate --model {reimported} --prompt 'Chest X-ray shows' --json")
+        f"  medllama-generate --model {model_dir} --prompt 'Chest X-ray shows' --json\n"
+        f"  tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
   return 0
 
 

@@ -45,9 +45,7 @@ def load_model(model_dir: str, mesh: Mesh, rules: partitioning.LogicalRules | No
   ``attention_impl``, ``remat_policy``); ``param_dtype`` defaults to the stored dtype.
   """
   rules = partitioning.logical_axis_rules() if rules is None else rules
-  stored = LlamaConfig.load_hf_json(model_dir)
-  runtime.setdefault("param_dtype", stored.param_dtype)
-  config = stored.replace(**runtime)
+  config = LlamaConfig.load_hf_json(model_dir).replace(**runtime)
   model = Llama(config)
   boxed = partitioning.abstract_params(model)
   abstract, shardings = partitioning.unbox(boxed), partitioning.logical_shardings(boxed, mesh, rules)
@@ -65,7 +63,7 @@ def _load_hf_params(model_dir: str, config: LlamaConfig, abstract: Any, sharding
   flat_shardings = checkpointing.flatten(shardings)
   rules = hf.tensor_rules(config)
   with open_hf_weights(model_dir) as source:
-    hf.check_source(source, rules, model_dir)
+    hf.check_source(source, rules, model_dir, os.path.join(model_dir, "config.json"))
     per_layer: dict[checkpointing.ParamPath, jax.Array] = {}
     for path, array in hf.converted_tensors(source, rules, np.dtype(config.param_dtype)):
       target = checkpointing.stacked_path(path) if config.scan_layers else None

@@ -24,10 +24,18 @@ def demo_dir(tmp_path_factory):
   return out
 
 
-def test_demo_writes_model_export_and_reimport(demo_dir):
-  for sub in ("model/params", "model/config.json", "model/tokenizer.model", "hf_export/config.json",
-              "hf_export/model.safetensors.index.json", "reimported/params"):
+def test_demo_trains_resumes_exports_and_reimports(demo_dir):
+  for sub in ("tokenizer/tokenizer.model", "data/pubmed_abstracts/stats.json",
+              "data/mimic_cxr_reports/stats.json", "init_model/params", "run/config.gin",
+              "run/operative_config.gin", "run/metrics.jsonl", "run/final_model/params",
+              "run/final_model/config.json", "run/final_model/tokenizer.model",
+              "hf_export/config.json", "hf_export/model.safetensors.index.json", "reimported/params"):
     assert (demo_dir / sub).exists(), sub
+  log = (demo_dir / "train.log").read_text()
+  assert "resuming at step" in log
+  losses = [json.loads(line) for line in (demo_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+  train = {r["step"]: r["loss"] for r in losses if r["split"] == "train"}
+  assert max(train) == 60 and train[60] < train[10] - 1.0  # it learned
   hf_dir = demo_dir / "hf_export"
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
   tok = transformers.AutoTokenizer.from_pretrained(hf_dir)

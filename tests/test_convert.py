@@ -305,11 +305,6 @@ def test_meta_params_json_mismatch(tmp_path, hf_model, capsys, overrides, fragme
   _assert_nothing_left(out)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: a params.json whose n_layers / n_heads / n_kv_heads disagree with the weights is "
-    "reported against the consolidated.*.pth files (or the folder) and 'config.json', a file a Meta "
-    "folder does not have, never naming params.json (meta.config_from_params_json only cross-checks "
-    "the MLP width and vocab_size; hf.check_source hard-codes 'config.json')"))
 @pytest.mark.parametrize("overrides", [{"n_layers": 3}, {"n_kv_heads": 1}, {"n_heads": 8}],
                          ids=["n_layers", "n_kv_heads", "n_heads"])
 def test_meta_params_json_size_mismatch_names_params_json(tmp_path, hf_model, overrides):
@@ -351,10 +346,6 @@ def test_unknown_dtype_is_rejected(tmp_path, hf_dir):
   _assert_nothing_left(tmp_path / "out")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: LlamaConfig.from_hf_dict ignores config.json's torch_dtype (and transformers 5's "
-    "'dtype'), so load_model's documented default 'param_dtype defaults to the stored dtype' never "
-    "applies: a bfloat16 checkpoint is loaded as float32"))
 def test_load_model_keeps_stored_bfloat16(tmp_path, hf_dir):
   hf.hf_to_orbax(str(hf_dir), str(tmp_path / "bf16"), "bfloat16")
   loaded = loading.load_model(str(tmp_path / "bf16"), helpers.one_device_mesh(), with_tokenizer=False)

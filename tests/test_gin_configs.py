@@ -8,20 +8,17 @@ import pathlib  # noqa: E402
 
 import gin  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import seqio  # noqa: E402
 
-from medllama_jax import config, partitioning  # noqa: E402
+import seqio_tasks.pretrain  # noqa: E402
+from medllama_jax import config, demo, partitioning  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
 
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
 MODEL_FILES = sorted((GIN_DIR / "models").glob("*.gin"))
 MESH_FILES = sorted((GIN_DIR / "mesh").glob("*.gin"))
-
-
-def test_every_gin_file_is_covered():
-  covered = set(MODEL_FILES) | set(MESH_FILES)
-  assert covered == set(GIN_DIR.rglob("*.gin"))
-  assert MODEL_FILES and MESH_FILES
 
 
 @pytest.fixture(autouse=True)
@@ -54,3 +51,53 @@ def test_mesh_gin_builds_mesh(path):
       assert mesh.shape[axis] == size
   if -1 in bindings.values():
     assert mesh.devices.size == jax.device_count()
+
+
+RECIPE_FILES = sorted(GIN_DIR.glob("pretrain_me_llama_*b.gin")) + [GIN_DIR / "demo" / "pretrain_demo.gin"]
+# Included by the recipes, never parsed alone.
+INCLUDED_FILES = [GIN_DIR / "pretrain_me_llama_common.gin"]
+
+
+def test_every_gin_file_is_covered_by_a_test():
+  covered = set(MODEL_FILES) | set(MESH_FILES) | set(RECIPE_FILES) | set(INCLUDED_FILES)
+  assert covered == set(GIN_DIR.rglob("*.gin"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """The demo's corpus samples, prepared, and a tokenizer folder: what the recipes' macros name."""
+  root = tmp_path_factory.mktemp("recipes")
+  demo.prepare_corpora(str(root / "data"))
+  demo.train_tokenizer(str(root / "model"), 1024)
+  return root
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
+def test_recipe_builds_model_mesh_optimizer_and_mixture(path, prepared):
+  from medllama_jax.train import cli, loop  # noqa: F401  (gin configurables)
+  from medllama_jax.train import optimizer as optim
+
+  cli.parse_gin([str(path)], [f"RUN_DIR = '{prepared / 'run'}'", f"DATA_DIR = '{prepared / 'data'}'",
+                              f"INIT_CHECKPOINT = '{prepared / 'model'}'"], [])
+  cfg = config.model_config()
+  params = partitioning.unbox(partitioning.abstract_params(Llama(cfg)))
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+  mesh = partitioning.make_mesh()
+  assert mesh.devices.size == jax.device_count()
+  train = gin.get_bindings("medllama_jax.train.loop.train")
+  _, schedule = optim.make_optimizer(total_steps=train["total_steps"])
+  warmup = round(0.05 * train["total_steps"]) if "demo" not in path.stem else round(
+      0.1 * train["total_steps"])
+  peak = 3e-3 if "demo" in path.stem else 8e-6
+  np.testing.assert_allclose(float(schedule(warmup)), peak, rtol=1e-6)
+  opt = gin.get_bindings("medllama_jax.train.optimizer.make_optimizer")
+  assert (opt["weight_decay"], opt.get("b1", 0.9), opt.get("b2", 0.95)) == (1e-5, 0.9, 0.95)
+  name = seqio_tasks.pretrain.register_pretrain_mixture()
+  rates = {t.name.split(f"{name}_")[1]: seqio.get_mixture_or_task(name).get_rate(t)
+           for t in seqio.get_mixture_or_task(name).tasks}
+  assert rates == pytest.approx({"pubmed_abstracts": 7.5, "pmc_fulltext": 7.5,
+                                 "mimic_iii_notes": 1 / 3, "mimic_iv_notes": 1 / 3,
+                                 "mimic_cxr_reports": 1 / 3, "redpajama": 4.0})
+  if "demo" not in path.stem:
+    assert cfg.dtype == "bfloat16" and train["sequence_length"] == 4096
+    assert train["global_batch_size"] * train["sequence_length"] * train["total_steps"] >= 129e9

@@ -92,8 +92,13 @@ def tensor_rules(config: LlamaConfig) -> list[TensorRule]:
   return rules
 
 
-def check_source(source: TensorSource, rules: list[TensorRule], origin: str) -> None:
-  """Fails before any conversion work if names or shapes differ from what the config implies."""
+def check_source(source: TensorSource, rules: list[TensorRule], origin: str,
+                 config_source: str) -> None:
+  """Fails before any conversion work if names or shapes differ from what the config implies.
+
+  ``config_source`` is the file the config was read from (``config.json``, or Meta's
+  ``params.json``), named in every error since either it or the weights are wrong.
+  """
   expected = {r.hf_name: r for r in rules}
   present = set(source.names())
   missing = [n for n in expected if n not in present]
@@ -102,15 +107,16 @@ def check_source(source: TensorSource, rules: list[TensorRule], origin: str) -> 
                       if not n.endswith(_IGNORED_SUFFIXES) and n != tied_head)
   if missing:
     raise ConversionError(f"{origin}: missing tensor(s) {missing[:8]}"
-                          f"{' ...' if len(missing) > 8 else ''} required by config.json")
+                          f"{' ...' if len(missing) > 8 else ''} required by {config_source}")
   if unexpected:
     raise ConversionError(f"{origin}: unexpected tensor(s) {unexpected[:8]}"
-                          f"{' ...' if len(unexpected) > 8 else ''} not in a LLaMA model of this config")
+                          f"{' ...' if len(unexpected) > 8 else ''} not in a LLaMA model of "
+                          f"{config_source}")
   for rule in rules:
     shape = tuple(source.shape(rule.hf_name))
     if shape != rule.hf_shape:
       raise ConversionError(f"{source.where(rule.hf_name)}: tensor {rule.hf_name!r} has shape {shape}, "
-                            f"config.json implies {rule.hf_shape}")
+                            f"{config_source} implies {rule.hf_shape}")
 
 
 def parse_dtype(name: str | None) -> np.dtype | None:
@@ -148,14 +154,16 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str | None = None) -> LlamaCon
   """Converts a HF LLaMA folder into a model folder: ``config.json``, ``params/`` (Orbax), tokenizer."""
   config = LlamaConfig.load_hf_json(hf_dir)
   with open_hf_weights(hf_dir) as source:
-    return write_model_folder(source, config, hf_dir, out_dir, dtype, side_files_from=hf_dir)
+    return write_model_folder(source, config, os.path.join(hf_dir, "config.json"), hf_dir, out_dir,
+                              dtype, side_files_from=hf_dir)
 
 
-def write_model_folder(source: TensorSource, config: LlamaConfig, origin: str, out_dir: str,
-                       dtype: str | None, side_files_from: str | None) -> LlamaConfig:
-  """Checks ``source`` against ``config``, then streams it into a new model folder at ``out_dir``."""
+def write_model_folder(source: TensorSource, config: LlamaConfig, config_source: str, origin: str,
+                       out_dir: str, dtype: str | None, side_files_from: str | None) -> LlamaConfig:
+  """Checks ``source`` against ``config`` (read from ``config_source``), then streams it into a new
+  model folder at ``out_dir``."""
   rules = tensor_rules(config)
-  check_source(source, rules, origin)
+  check_source(source, rules, origin, config_source)
   target_dtype = parse_dtype(dtype)
   dtypes: set[str] = set()
 

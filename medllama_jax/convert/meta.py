@@ -63,8 +63,15 @@ def interleaved_to_rotate_half(w: np.ndarray, heads: int) -> np.ndarray:
                               .reshape(rows, cols))
 
 
-def config_from_params_json(path: str, vocab_size: int, intermediate_size: int) -> LlamaConfig:
-  """A ``LlamaConfig`` from Meta's ``params.json``, checked against the sizes the weights imply."""
+def config_from_params_json(path: str, vocab_size: int, intermediate_size: int, num_layers: int,
+                            kv_proj_rows: int) -> LlamaConfig:
+  """A ``LlamaConfig`` from Meta's ``params.json``, checked against the sizes the weights imply.
+
+  Every size is checked here, where a mismatch can be blamed on ``params.json`` by field and value;
+  the later tensor-by-tensor check only knows the shapes the config implies, not which field is
+  wrong.
+  ``kv_proj_rows`` is the full (all ranks) row count of ``wk``: ``n_kv_heads * dim / n_heads``.
+  """
   try:
     with open(path) as f:
       params = json.load(f)
@@ -84,12 +91,25 @@ def config_from_params_json(path: str, vocab_size: int, intermediate_size: int) 
   if params.get("vocab_size", -1) not in (-1, vocab_size):
     raise ConversionError(f"{path}: vocab_size={params['vocab_size']}, but tok_embeddings has "
                           f"{vocab_size} rows")
-  return LlamaConfig(
-      vocab_size=vocab_size, hidden_size=dim, intermediate_size=intermediate_size,
-      num_layers=params["n_layers"], num_heads=params["n_heads"],
-      num_kv_heads=params.get("n_kv_heads") or params["n_heads"], rms_norm_eps=params.get("norm_eps", 1e-5),
-      rope_theta=float(params.get("rope_theta", 10000.0)),
-      max_position_embeddings=params.get("max_seq_len", 4096))
+  if params["n_layers"] != num_layers:
+    raise ConversionError(f"{path}: n_layers={params['n_layers']}, but the weights have "
+                          f"{num_layers} layers")
+  n_heads = params["n_heads"]
+  n_kv_heads = params.get("n_kv_heads") or n_heads
+  if dim % n_heads == 0 and n_kv_heads * (dim // n_heads) != kv_proj_rows:
+    raise ConversionError(
+        f"{path}: n_heads={n_heads} and n_kv_heads={n_kv_heads} give head_dim {dim // n_heads} "
+        f"and {n_kv_heads * (dim // n_heads)} rows of attention.wk, but the weights have "
+        f"{kv_proj_rows}")
+  try:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=dim, intermediate_size=intermediate_size,
+        num_layers=num_layers, num_heads=n_heads, num_kv_heads=n_kv_heads,
+        rms_norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        max_position_embeddings=params.get("max_seq_len", 4096))
+  except ValueError as e:
+    raise ConversionError(f"{path}: {e}") from e
 
 
 class MetaSource(TensorSource):
@@ -110,13 +130,18 @@ class MetaSource(TensorSource):
       if hf_name is None:
         raise ConversionError(f"{self._files[0]}: unexpected tensor {name!r} in a LLaMA checkpoint")
       self._meta_of[hf_name] = name
-    for required in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
+    for required in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight",
+                     "layers.0.attention.wk.weight"):
       if required not in self._shards[0]:
         raise ConversionError(f"{self._files[0]}: missing tensor {required!r}")
+    self.params_json = os.path.join(meta_dir, "params.json")
     self.config = config_from_params_json(
-        os.path.join(meta_dir, "params.json"),
+        self.params_json,
         vocab_size=int(self._shards[0]["tok_embeddings.weight"].shape[0]),
         intermediate_size=int(self._shards[0]["layers.0.feed_forward.w1.weight"].shape[0])
+        * len(self._files),
+        num_layers=len({name.split(".")[1] for name in names if name.startswith("layers.")}),
+        kv_proj_rows=int(self._shards[0]["layers.0.attention.wk.weight"].shape[0])
         * len(self._files))
 
   def names(self) -> list[str]:
@@ -157,5 +182,5 @@ def meta_to_orbax(meta_dir: str, out_dir: str, dtype: str | None = None,
   ``tokenizer_dir`` (Meta ships ``tokenizer.model`` beside the size folders)."""
   with MetaSource(meta_dir) as source:
     tokenizer_from = tokenizer_dir or meta_dir
-    return hf.write_model_folder(source, source.config, meta_dir, out_dir, dtype,
-                                 side_files_from=tokenizer_from)
+    return hf.write_model_folder(source, source.config, source.params_json, meta_dir, out_dir,
+                                 dtype, side_files_from=tokenizer_from)

@@ -1,0 +1,1 @@
+"""Training data: corpus preparation, seqio preprocessing and feature conversion, the trainer's input."""

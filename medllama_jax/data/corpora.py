@@ -1,0 +1,507 @@
+"""Streaming readers for the raw corpora of Me-LLaMA's continual pre-training, one per source format.
+
+The pre-training mix comes in seven shapes: PubMed's MEDLINE XML, PMC Open Access as JATS XML or as plain
+text, Pile/RedPajama JSON lines, MIMIC-III and MIMIC-IV-Note CSV notes, and MIMIC-CXR report trees. Each
+reader turns one input (a file; for the tree formats also a folder or a tar/zip package) into a stream of
+records, reading as it goes so that memory stays flat whatever the file size:
+
+* ``Document(id, text)``: one text to train on (raw; cleaning is records.py's job);
+* ``Rejected(source, location, reason)``: a record that was skipped (malformed, or filtered out), with the
+  input, where in it (line, row, member, article number) and a short reason key.
+
+Rejections never carry record text: the clinical corpora are credentialed data, so what reaches logs and
+summaries is ids, file names, positions and reasons only.
+
+A reader never raises on one bad record. An error that ends a file early (a truncated or corrupt
+gzip, zstd, tar or zip stream; MEDLINE XML that is not well formed; CSV the csv module cannot parse) is
+turned by :func:`read` into a final ``Rejected`` for the whole input (``truncated_file``,
+``corrupt_file``, ``bad_xml``, ``bad_csv``, at the parser's line and column or "after N records"); the
+records already read from that file stand, and the run goes on with the next input, because one damaged
+file of a thousand PubMed updates should not cost the other 999. An input that cannot be read at all for
+want of software (``.zst`` without the optional ``zstandard`` package) raises :class:`CorpusError` and
+stops the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import inspect
+import io
+import json
+import os
+import posixpath
+import re
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+import zipfile
+import zlib
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  id: str
+  text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+  source: str
+  location: str
+  reason: str
+
+
+Record = Document | Rejected
+
+
+class CorpusError(Exception):
+  """An input that cannot be read at all; the run stops."""
+
+
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)  # MIMIC notes are far longer than csv's 128 KiB default.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # Undecodable bytes (surrogateescape) or bad JSON escapes.
+_ARCHIVES = (".tar", ".tar.gz", ".tgz")
+_ZSTD_MAX_WINDOW = 2**31  # The Pile's .zst files use long-distance windows.
+_ZSTD_READ_SIZE = 1 << 16
+
+
+# Opening files.
+
+def _zstandard() -> Any:
+  """The optional ``zstandard`` module, or None when it is not installed."""
+  try:
+    import zstandard
+  except ImportError:
+    return None
+  return zstandard
+
+
+def _open_binary(path: str) -> BinaryIO:
+  """``path`` as a binary stream, decompressing ``.gz`` and ``.zst`` on the fly."""
+  if path.endswith(".gz"):
+    return gzip.open(path, "rb")
+  if path.endswith(".zst"):
+    zstandard = _zstandard()
+    if zstandard is None:
+      raise CorpusError(f"{path}: reading .zst files needs the optional 'zstandard' package "
+                        "(pip install zstandard)")
+    return io.BufferedReader(_ChunkStream(_zstd_chunks(zstandard, path)))
+  return open(path, "rb")
+
+
+def _zstd_chunks(zstandard: Any, path: str) -> Generator[bytes, None, None]:
+  """Decompressed data of the zstd frames in ``path``; EOFError if the file ends inside a frame.
+
+  (zstandard's own ``stream_reader`` ends quietly at a truncation: the lost tail would go unnoticed.)
+  """
+  with open(path, "rb") as raw:
+    frame = None
+    while data := raw.read(_ZSTD_READ_SIZE):
+      while data:
+        frame = frame or zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).decompressobj()
+        yield frame.decompress(data)
+        data = frame.unused_data if frame.eof else b""
+        frame = None if frame.eof else frame
+    if frame is not None:
+      raise EOFError(f"{path}: the last zstd frame is incomplete")
+
+
+class _ChunkStream(io.RawIOBase):
+  """A readable binary stream over a generator of byte strings."""
+
+  def __init__(self, chunks: Generator[bytes, None, None]):
+    super().__init__()
+    self._chunks = chunks
+    self._chunk = b""
+    self._offset = 0
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer: Any) -> int:
+    while self._offset == len(self._chunk):
+      chunk = next(self._chunks, None)
+      if chunk is None:
+        return 0
+      self._chunk, self._offset = chunk, 0
+    size = min(len(buffer), len(self._chunk) - self._offset)
+    buffer[:size] = self._chunk[self._offset:self._offset + size]
+    self._offset += size
+    return size
+
+  def close(self) -> None:
+    self._chunks.close()
+    super().close()
+
+
+def _files(path: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
+  """``(name, content)`` of each file ending in ``suffixes`` under a folder or inside a tar/zip package.
+
+  Names are relative to the folder or package, with ``/`` separators; a plain file is itself, named by
+  its base name. Packages are read as streams, one member in memory at a time.
+  """
+  if os.path.isdir(path):
+    for root, dirs, names in os.walk(path):
+      dirs.sort()
+      for name in sorted(names):
+        if name.endswith(suffixes):
+          full = os.path.join(root, name)
+          with open(full, "rb") as f:
+            yield os.path.relpath(full, path).replace(os.sep, "/"), f.read()
+  elif path.endswith(_ARCHIVES):
+    with tarfile.open(path, "r|*") as tar:
+      for member in tar:
+        if member.isfile() and member.name.endswith(suffixes):
+          yield member.name, tar.extractfile(member).read()
+  elif path.endswith(".zip"):
+    with zipfile.ZipFile(path) as package:
+      for info in package.infolist():
+        if not info.is_dir() and info.filename.endswith(suffixes):
+          yield info.filename, package.read(info)
+  else:
+    with open(path, "rb") as f:
+      yield os.path.basename(path), f.read()
+
+
+def _utf8(data: bytes) -> str | None:
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError:
+    return None
+
+
+def _selection(names: str | Sequence[str] | None) -> frozenset[str] | None:
+  """A filter option (one name or several) as a set of comparison keys; ``None`` selects everything."""
+  if names is None:
+    return None
+  return frozenset(_key(n) for n in ([names] if isinstance(names, str) else names))
+
+
+def _key(name: Any) -> str | None:
+  """Case- and padding-blind: MIMIC-III spells some categories with a trailing space ("Physician ")."""
+  return name.strip().casefold() if isinstance(name, str) else None
+
+
+def _squeeze(text: str) -> str:
+  """XML text with its layout whitespace (indentation, line breaks) reduced to single spaces."""
+  return " ".join(text.split())
+
+
+# PubMed baseline and update files (MEDLINE XML).
+
+_PUBMED_RECORDS = frozenset({"PubmedArticle", "PubmedBookArticle", "DeleteCitation"})
+
+
+def read_pubmed_xml(path: str) -> Iterator[Record]:
+  """Each ``PubmedArticle`` as ``pmid:<PMID>``: its title, then one line per AbstractText.
+
+  Labelled abstract parts read ``LABEL: text``; inline markup keeps its text. Articles without an
+  abstract are rejected as ``no_abstract``, without a PMID as ``no_pmid`` (location: article number).
+  Book records and deletions are passed over. Elements are cleared as they are read.
+  """
+  with _open_binary(path) as stream:
+    events = ET.iterparse(stream, events=("start", "end"))
+    _, root = next(events)
+    number = 0
+    for event, element in events:
+      if event != "end" or element.tag not in _PUBMED_RECORDS:
+        continue
+      if element.tag == "PubmedArticle":
+        number += 1
+        yield _pubmed_article(path, number, element)
+      root.clear()
+
+
+def _pubmed_article(path: str, number: int, article: ET.Element) -> Record:
+  location = f"PubmedArticle {number}"
+  pmid = _squeeze(article.findtext("MedlineCitation/PMID") or "")
+  if not pmid:
+    return Rejected(path, location, "no_pmid")
+  parts = []
+  for part in article.iterfind("MedlineCitation/Article/Abstract/AbstractText"):
+    text = _squeeze("".join(part.itertext()))
+    if text:
+      label = part.get("Label")
+      parts.append(f"{label}: {text}" if label else text)
+  if not parts:
+    return Rejected(path, f"{location} (pmid:{pmid})", "no_abstract")
+  title = article.find("MedlineCitation/Article/ArticleTitle")
+  heading = [_squeeze("".join(title.itertext()))] if title is not None else []
+  return Document(f"pmid:{pmid}", "\n".join(filter(None, heading + parts)))
+
+
+# PMC Open Access, JATS XML.
+
+# Not prose: tables, figures and their captions, formulas (MathML, TeX), graphics, supplementary files.
+_JATS_DROPPED = frozenset({
+    "table-wrap", "table-wrap-group", "table", "fig", "fig-group", "disp-formula",
+    "disp-formula-group", "inline-formula", "tex-math", "math", "graphic", "inline-graphic", "media",
+    "supplementary-material", "ref-list",
+})
+
+
+def read_pmc_nxml(path: str) -> Iterator[Record]:
+  """PMC articles (``.nxml``/``.xml``; a file, a folder tree or a tar/zip package), one Document each.
+
+  Text: the title, the abstract and the body's section titles and paragraphs, one block per paragraph
+  (blank line between); tables, figures, formulas and the back matter (references) are left out. Id:
+  ``pmcid:PMC<n>`` from ``article-id[@pub-id-type='pmc']``, else the file's name in the package. A file
+  that is not well-formed XML is rejected as ``bad_xml`` (location: name, line, column).
+  """
+  for name, data in _files(path, (".nxml", ".xml")):
+    try:
+      article = ET.fromstring(data)
+    except ET.ParseError as error:
+      line, column = error.position
+      yield Rejected(path, f"{name} line {line}, column {column}", "bad_xml")
+      continue
+    parts = [article.find("front/article-meta/title-group"),
+             *article.iterfind("front/article-meta/abstract"), article.find("body")]
+    pmcid = _pmcid(article)
+    text = "\n\n".join(block for part in parts for block in _jats_blocks(part))
+    yield Document(f"pmcid:{pmcid}" if pmcid else name, text)
+
+
+def _pmcid(article: ET.Element) -> str | None:
+  for element in article.iterfind("front/article-meta/article-id"):
+    value = (element.text or "").strip()
+    if element.get("pub-id-type") in ("pmc", "pmcid") and value:
+      return value if value.upper().startswith("PMC") else f"PMC{value}"
+  return None
+
+
+def _local_name(tag: str) -> str:
+  return tag.rpartition("}")[2]
+
+
+def _jats_blocks(element: ET.Element | None) -> list[str]:
+  """Titles and paragraphs under ``element``, in document order, skipping the dropped elements."""
+  blocks: list[str] = []
+  for child in element if element is not None else ():
+    tag = _local_name(child.tag)
+    if tag in _JATS_DROPPED:
+      continue
+    if tag in ("title", "article-title", "p"):
+      text = _squeeze(_inline_text(child))
+      if text:
+        blocks.append(text)
+    else:
+      blocks += _jats_blocks(child)
+  return blocks
+
+
+def _inline_text(element: ET.Element) -> str:
+  """The text of ``element`` and its inline markup (italics, links, citations), less dropped elements."""
+  parts = [element.text or ""]
+  for child in element:
+    if _local_name(child.tag) not in _JATS_DROPPED:
+      parts.append(_inline_text(child))
+    parts.append(child.tail or "")
+  return "".join(parts)
+
+
+# PMC Open Access, plain text.
+
+def read_pmc_txt(path: str) -> Iterator[Record]:
+  """PMC plain-text articles (``.txt``; a file, a folder tree or a tar/zip package), id = the file's name.
+
+  A file that is not UTF-8 is rejected as ``not_utf8``.
+  """
+  for name, data in _files(path, (".txt",)):
+    text = _utf8(data)
+    yield Document(name, text) if text is not None else Rejected(path, name, "not_utf8")
+
+
+# JSON lines: the Pile, RedPajama.
+
+def read_jsonl(path: str, *, pile_set_name: str | Sequence[str] | None = None) -> Iterator[Record]:
+  """One Document per JSON line with a string ``text``; id = ``<file base name>:<line number>``.
+
+  ``pile_set_name`` keeps only lines whose ``meta.pile_set_name`` is one of the given names (others are
+  rejected as ``not_selected``). Malformed lines: ``not_utf8``, ``bad_json``, ``no_text``. Blank lines are
+  not records. ``.gz`` and ``.zst`` (with the optional ``zstandard`` package) are decompressed.
+  """
+  wanted = _selection(pile_set_name)
+  name = os.path.basename(path)
+  with _open_binary(path) as stream:
+    for number, line in enumerate(stream, 1):
+      if line.strip():
+        yield _json_line(path, name, number, line, wanted)
+
+
+def _json_line(path: str, name: str, number: int, line: bytes,
+               wanted: frozenset[str] | None) -> Record:
+  location = f"line {number}"
+  try:
+    record = json.loads(line.decode("utf-8"))
+  except UnicodeDecodeError:
+    return Rejected(path, location, "not_utf8")
+  except ValueError:
+    return Rejected(path, location, "bad_json")
+  text = record.get("text") if isinstance(record, dict) else None
+  if not isinstance(text, str):
+    return Rejected(path, location, "no_text")
+  if _SURROGATE.search(text):
+    return Rejected(path, location, "not_utf8")
+  if wanted is not None:
+    meta = record.get("meta")
+    if _key(meta.get("pile_set_name") if isinstance(meta, dict) else None) not in wanted:
+      return Rejected(path, location, "not_selected")
+  return Document(f"{name}:{number}", text)
+
+
+# MIMIC notes (CSV).
+
+@dataclasses.dataclass(frozen=True)
+class _NoteTable:
+  """Where a MIMIC notes table keeps what we need (column names compared case-blind)."""
+  id_prefix: str
+  id_column: str
+  text_column: str
+  category_column: str
+  error_column: str | None = None
+
+
+_MIMIC_III = _NoteTable("mimic3", "row_id", "text", "category", error_column="iserror")
+_MIMIC_IV = _NoteTable("mimic4", "note_id", "text", "note_type")
+
+
+def read_mimic_iii_notes(path: str, *,
+                         mimic_category: str | Sequence[str] | None = None) -> Iterator[Record]:
+  """MIMIC-III ``NOTEEVENTS.csv[.gz]``: one Document per note, id ``mimic3:<ROW_ID>``.
+
+  Notes flagged ``ISERROR`` = 1 are rejected as ``iserror``; ``mimic_category`` keeps only the given
+  ``CATEGORY`` values (e.g. "Discharge summary", "Radiology"). See :func:`_read_notes` for bad rows.
+  """
+  return _read_notes(path, _MIMIC_III, mimic_category)
+
+
+def read_mimic_iv_notes(path: str, *,
+                        mimic_category: str | Sequence[str] | None = None) -> Iterator[Record]:
+  """MIMIC-IV-Note ``discharge.csv.gz``, ``radiology.csv.gz``: a Document per note, ``mimic4:<note_id>``.
+
+  ``mimic_category`` keeps only the given ``note_type`` values (``DS``, ``AR``, ``RR``...).
+  """
+  return _read_notes(path, _MIMIC_IV, mimic_category)
+
+
+def _read_notes(path: str, table: _NoteTable,
+                category: str | Sequence[str] | None) -> Iterator[Record]:
+  """CSV rows (quoted multi-line notes) as Documents; rows are numbered from 1 after the header.
+
+  Rejected rows: ``wrong_field_count`` (short or long rows), ``not_utf8``, ``no_id``, ``iserror``,
+  ``not_selected``. A header without the needed columns rejects the file as ``missing_columns``.
+  """
+  wanted = _selection(category)
+  csv.field_size_limit(_CSV_FIELD_LIMIT)
+  with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape",
+                        newline="") as text:
+    rows = csv.reader(text)
+    header = [name.strip().lower() for name in next(rows, [])]
+    needed = [table.id_column, table.text_column, table.category_column]
+    needed += [table.error_column] if table.error_column else []
+    missing = [name for name in needed if name not in header]
+    if missing:
+      yield Rejected(path, f"header (no {', '.join(missing)})", "missing_columns")
+      return
+    column = {name: header.index(name) for name in needed}
+    for number, row in enumerate(rows, 1):
+      location = f"row {number} (line {rows.line_num})"
+      if len(row) != len(header):
+        yield Rejected(path, location, "wrong_field_count")
+      elif any(_SURROGATE.search(field) for field in row):
+        yield Rejected(path, location, "not_utf8")
+      elif not row[column[table.id_column]].strip():
+        yield Rejected(path, location, "no_id")
+      elif table.error_column and row[column[table.error_column]].strip() == "1":
+        yield Rejected(path, location, "iserror")
+      elif wanted is not None and _key(row[column[table.category_column]]) not in wanted:
+        yield Rejected(path, location, "not_selected")
+      else:
+        note_id = row[column[table.id_column]].strip()
+        yield Document(f"{table.id_prefix}:{note_id}", row[column[table.text_column]])
+
+
+# MIMIC-CXR reports.
+
+_CXR_REPORT = re.compile(r"s(\d+)\.txt")
+
+
+def read_mimic_cxr(path: str) -> Iterator[Record]:
+  """MIMIC-CXR reports (``files/pXX/pNNNNNNNN/sNNNNNNNN.txt``; a folder tree or a tar/zip package).
+
+  One Document per study, id ``cxr:<study id>`` (the digits of ``sNNNNNNNN``), the whole report as text.
+  Rejected: ``not_utf8``, and ``not_a_report`` for ``.txt`` files not named ``s<digits>.txt``.
+  """
+  for name, data in _files(path, (".txt",)):
+    study = _CXR_REPORT.fullmatch(posixpath.basename(name))
+    if not study:
+      yield Rejected(path, name, "not_a_report")
+      continue
+    text = _utf8(data)
+    yield Rejected(path, name, "not_utf8") if text is None else Document(f"cxr:{study.group(1)}", text)
+
+
+READERS: dict[str, Callable[..., Iterator[Record]]] = {
+    "pubmed_xml": read_pubmed_xml,
+    "pmc_nxml": read_pmc_nxml,
+    "pmc_txt": read_pmc_txt,
+    "jsonl": read_jsonl,
+    "mimic_iii_notes": read_mimic_iii_notes,
+    "mimic_iv_notes": read_mimic_iv_notes,
+    "mimic_cxr": read_mimic_cxr,
+}
+
+
+def check_options(format: str, options: Mapping[str, Any]) -> None:
+  """Raises ValueError for an unknown format or an option its reader does not take."""
+  if format not in READERS:
+    raise ValueError(f"unknown format {format!r}; known formats: {', '.join(READERS)}")
+  parameters = inspect.signature(READERS[format]).parameters.values()
+  accepted = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise ValueError(f"format {format!r} does not take {', '.join(unknown)} "
+                     f"(it takes: {', '.join(accepted) or 'no options'})")
+
+
+def _file_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions that end one input early without stopping the run (see the module docstring)."""
+  errors: tuple[type[BaseException], ...] = (
+      EOFError, gzip.BadGzipFile, zlib.error, tarfile.TarError, zipfile.BadZipFile, ET.ParseError,
+      csv.Error)
+  zstandard = _zstandard()
+  return errors + (zstandard.ZstdError,) if zstandard is not None else errors
+
+
+def _file_error_reason(error: BaseException) -> str:
+  if isinstance(error, EOFError):
+    return "truncated_file"
+  if isinstance(error, ET.ParseError):
+    return "bad_xml"
+  if isinstance(error, csv.Error):
+    return "bad_csv"
+  return "corrupt_file"
+
+
+def read(format: str, path: str, **options: Any) -> Iterator[Record]:
+  """The records of one input in ``format``; an error that ends the file becomes a final Rejected.
+
+  Records read before the error are kept (they were already yielded). The location is the XML parser's
+  line and column where it has one, else the number of records read from the file.
+  """
+  count = 0
+  try:
+    for record in READERS[format](path, **options):
+      count += 1
+      yield record
+  except _file_errors() as error:
+    if isinstance(error, ET.ParseError):
+      location = "line {}, column {}".format(*error.position)
+    else:
+      location = f"after {count} records"
+    yield Rejected(path, location, _file_error_reason(error))

@@ -1,0 +1,275 @@
+"""One raw corpus in, the sharded TFRecords that the pre-training seqio Tasks read out.
+
+:func:`prepare` streams the records of a :mod:`corpora` reader through cleaning (:func:`clean_text`), a
+minimum length, exact-duplicate removal and a deterministic train/validation split by record id
+(:func:`split_of`), and deals them round-robin into ``num_shards`` TFRecord files per split. Output, in
+``out_dir``:
+
+* ``{split}.tfrecord-{i:05d}-of-{n:05d}``: ``tf.train.Example`` records with the bytes features ``text``
+  (UTF-8) and ``id`` (:data:`FEATURE_DESCRIPTION`);
+* ``stats.json``: the run's summary (what :func:`prepare` returns), with per-shard record counts and each
+  split's ``file_pattern`` relative to ``out_dir`` (:func:`split_file_patterns` makes them whole).
+
+Shards are written under hidden ``.<name>.incomplete`` names and renamed once every record is in; on an
+error they are deleted. ``stats.json`` is written last, so a folder holding it is complete, and an
+interrupted run never leaves files that look finished.
+
+Duplicate detection keeps a 16-byte hash of every distinct text in memory for the whole run (about
+100 bytes per record with the set's overhead, so a few GB for tens of millions of abstracts): it finds
+duplicates within one run, not across corpora prepared separately.
+
+Nothing here logs or stores record text; rejections are logged by file, location and reason (the first
+:data:`LOGGED_PER_REASON` of each reason; all are counted in the summary).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import tensorflow as tf
+from absl import logging
+
+from medllama_jax.data import corpora
+
+TRAIN, VALIDATION = "train", "validation"
+STATS_FILE = "stats.json"
+FEATURE_DESCRIPTION = {
+    "text": tf.io.FixedLenFeature([], tf.string),
+    "id": tf.io.FixedLenFeature([], tf.string),
+}
+PROGRESS_EVERY = 10_000
+LOGGED_PER_REASON = 100
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode Cc less \t and \n.
+_SPACES = re.compile(r"[ \t]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_OUTPUT_FILE = re.compile(r"\.?(\w+\.tfrecord-\d{5}-of-\d{5}|stats\.json)(\.incomplete)?")
+
+
+def clean_text(text: str) -> str:
+  """NFC; ``\\r\\n``/``\\r`` → ``\\n``; control characters other than ``\\n`` and ``\\t`` removed;
+  runs of spaces and tabs → one space (none at line ends); 3+ newlines → 2; stripped.
+
+  MIMIC's de-identification placeholders (``[**2101-1-1**]``) are text like any other and stay.
+  """
+  text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+  text = _SPACES.sub(" ", _CONTROL.sub("", text)).replace(" \n", "\n")
+  return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+def split_of(record_id: str, validation_fraction: float) -> str:
+  """``validation`` for a fixed ``validation_fraction`` of ids (by hash), else ``train``: reruns agree."""
+  digest = hashlib.sha256(record_id.encode("utf-8")).digest()
+  return VALIDATION if int.from_bytes(digest[:8], "big") < validation_fraction * 2**64 else TRAIN
+
+
+def _temporary(path: str) -> str:
+  """Where ``path`` is written before it is complete: hidden, and matching no split's file pattern."""
+  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.incomplete")
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  return f"{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
+
+
+def _example(record_id: str, text: bytes) -> bytes:
+  def feature(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+  features = {"text": feature(text), "id": feature(record_id.encode("utf-8"))}
+  return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+class _Shards:
+  """Round-robin TFRecord shards per split, under temporary names until the ``with`` block succeeds."""
+
+  def __init__(self, out_dir: str, splits: Sequence[str], num_shards: int):
+    self._out_dir = out_dir
+    self.names = {s: [shard_name(s, i, num_shards) for i in range(num_shards)] for s in splits}
+    self.counts = {s: [0] * num_shards for s in splits}
+    self._writers: dict[str, list[tf.io.TFRecordWriter]] = {}
+
+  def _path(self, name: str, final: bool) -> str:
+    path = os.path.join(self._out_dir, name)
+    return path if final else _temporary(path)
+
+  def __enter__(self) -> _Shards:
+    try:
+      for split, names in self.names.items():
+        self._writers[split] = [tf.io.TFRecordWriter(self._path(n, final=False)) for n in names]
+    except BaseException:
+      self._finish(keep=False)
+      raise
+    return self
+
+  def write(self, split: str, record_id: str, text: bytes) -> None:
+    counts = self.counts[split]
+    shard = sum(counts) % len(counts)
+    self._writers[split][shard].write(_example(record_id, text))
+    counts[shard] += 1
+
+  def __exit__(self, error_type, error, traceback) -> None:
+    self._finish(keep=error_type is None)
+
+  def _finish(self, keep: bool) -> None:
+    """Closes every shard, then renames them into place (``keep``) or deletes them."""
+    for writers in self._writers.values():
+      for writer in writers:
+        writer.close()
+    for names in self.names.values():
+      for name in names:
+        temporary = self._path(name, final=False)
+        if keep:
+          tf.io.gfile.rename(temporary, self._path(name, final=True), overwrite=True)
+        elif tf.io.gfile.exists(temporary):
+          tf.io.gfile.remove(temporary)
+
+
+class _Tally:
+  """The run's counts; logs rejections (never text) and progress as they come."""
+
+  def __init__(self, label: str):
+    self.label = label
+    self.read = 0
+    self.rejected: collections.Counter[str] = collections.Counter()
+    self.duplicates = 0
+
+  def reject(self, record: corpora.Rejected) -> None:
+    self.rejected[record.reason] += 1
+    seen = self.rejected[record.reason]
+    if seen <= LOGGED_PER_REASON:
+      logging.warning("skipped %s at %s: %s", record.source, record.location, record.reason)
+    if seen == LOGGED_PER_REASON:
+      logging.warning("%d records skipped as %r; further ones are counted, not logged",
+                      seen, record.reason)
+
+  def progress(self, written: int) -> None:
+    logging.info("%s: %d records read, %d written, %d rejected, %d duplicates", self.label, self.read,
+                 written, sum(self.rejected.values()), self.duplicates)
+
+
+def _expand_inputs(inputs: Sequence[str]) -> list[str]:
+  """Glob patterns → matching paths (sorted per pattern); a pattern that matches nothing is an error."""
+  if isinstance(inputs, str) or not inputs:
+    raise ValueError(f"inputs must be a non-empty list of paths or glob patterns, got {inputs!r}")
+  paths: list[str] = []
+  for pattern in inputs:
+    matches = sorted(glob.glob(pattern))
+    if not matches:
+      raise FileNotFoundError(f"no input matches {pattern!r}")
+    paths += matches
+  return list(dict.fromkeys(paths))
+
+
+def _is_new(data: bytes, seen: set[bytes]) -> bool:
+  """False for an exact duplicate of a text already in ``seen`` (16-byte hashes), else records it."""
+  digest = hashlib.blake2b(data, digest_size=16).digest()
+  if digest in seen:
+    return False
+  seen.add(digest)
+  return True
+
+
+def _claim_out_dir(out_dir: str, overwrite: bool) -> None:
+  """Creates ``out_dir``, or clears what an earlier run wrote there when ``overwrite``."""
+  if not tf.io.gfile.exists(out_dir):
+    tf.io.gfile.makedirs(out_dir)
+    return
+  existing = tf.io.gfile.listdir(out_dir)
+  if existing and not overwrite:
+    raise FileExistsError(f"{out_dir}: not empty; choose another folder or pass --overwrite")
+  # stats.json goes first: from here on the folder no longer claims to be complete.
+  for name in sorted(existing, key=lambda n: n != STATS_FILE):
+    if _OUTPUT_FILE.fullmatch(name):
+      tf.io.gfile.remove(os.path.join(out_dir, name))
+
+
+def _write_json(path: str, value: Any) -> None:
+  temporary = _temporary(path)
+  with tf.io.gfile.GFile(temporary, "w") as f:
+    f.write(json.dumps(value, indent=2) + "\n")
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int = 8,
+            validation_fraction: float = 0.001, min_chars: int = 32, overwrite: bool = False,
+            **reader_options: Any) -> dict[str, Any]:
+  """Reads ``inputs`` (paths or glob patterns) with the ``format`` reader and writes ``out_dir``.
+
+  ``validation_fraction`` 0 writes no validation split. ``reader_options`` go to the reader (e.g.
+  ``pile_set_name``, ``mimic_category``). Returns the summary also written to ``stats.json``.
+  Raises ValueError (bad settings or options), FileNotFoundError (an input pattern matches nothing),
+  FileExistsError (``out_dir`` not empty and not ``overwrite``) before anything is written.
+  """
+  if num_shards < 1 or not 0 <= validation_fraction < 1 or min_chars < 0:
+    raise ValueError(f"need num_shards >= 1, 0 <= validation_fraction < 1, min_chars >= 0; got "
+                     f"{num_shards}, {validation_fraction}, {min_chars}")
+  corpora.check_options(format, reader_options)
+  paths = _expand_inputs(inputs)
+  _claim_out_dir(out_dir, overwrite)
+  splits = [TRAIN, VALIDATION] if validation_fraction > 0 else [TRAIN]
+  tally = _Tally(out_dir)
+  seen: set[bytes] = set()
+  with _Shards(out_dir, splits, num_shards) as shards:
+    for path in paths:
+      logging.info("%s: reading %s", out_dir, path)
+      for record in corpora.read(format, path, **reader_options):
+        if isinstance(record, corpora.Rejected):
+          tally.reject(record)
+          continue
+        tally.read += 1
+        text = clean_text(record.text)
+        data = text.encode("utf-8")
+        if len(text) < min_chars:
+          tally.reject(corpora.Rejected(path, record.id, "too_short"))
+        elif not _is_new(data, seen):
+          tally.duplicates += 1
+        else:
+          shards.write(split_of(record.id, validation_fraction), record.id, data)
+        if tally.read % PROGRESS_EVERY == 0:
+          tally.progress(sum(map(sum, shards.counts.values())))
+  stats = {
+      "format": format,
+      "inputs": paths,
+      "options": reader_options,
+      "num_shards": num_shards,
+      "validation_fraction": validation_fraction,
+      "min_chars": min_chars,
+      "records_read": tally.read,
+      "records_written": {split: sum(counts) for split, counts in shards.counts.items()},
+      "rejected": dict(sorted(tally.rejected.items())),
+      "duplicates": tally.duplicates,
+      "shards": {split: dict(zip(shards.names[split], shards.counts[split])) for split in splits},
+      "file_pattern": {split: f"{split}.tfrecord-?????-of-{num_shards:05d}" for split in splits},
+  }
+  _write_json(os.path.join(out_dir, STATS_FILE), stats)
+  logging.info("%s: %d records read, written %s, rejected %s, %d duplicates", out_dir, tally.read,
+               stats["records_written"], stats["rejected"], tally.duplicates)
+  return stats
+
+
+def split_file_patterns(out_dir: str) -> dict[str, str]:
+  """``{split: file pattern}`` of a prepared folder, for ``seqio.TFExampleDataSource``."""
+  path = os.path.join(out_dir, STATS_FILE)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"{path}: missing; {out_dir} is not a finished prepare_corpus output")
+  with tf.io.gfile.GFile(path) as f:
+    patterns = json.load(f)["file_pattern"]
+  return {split: os.path.join(out_dir, pattern) for split, pattern in patterns.items()}
+
+
+def read_records(file_pattern: str) -> Iterator[dict[str, str]]:
+  """``{"id", "text"}`` of every record in the files matching ``file_pattern``, in file-name order."""
+  for path in sorted(tf.io.gfile.glob(file_pattern)):
+    dataset = tf.data.TFRecordDataset(path).map(
+        lambda serialized: tf.io.parse_single_example(serialized, FEATURE_DESCRIPTION))
+    for example in dataset.as_numpy_iterator():
+      yield {key: value.decode("utf-8") for key, value in example.items()}

@@ -1,0 +1,58 @@
+"""Raw corpus files → sharded TFRecords plus stats.json, for the pre-training seqio Tasks.
+
+  python scripts/prepare_corpus.py --format pubmed_xml --input 'raw/pubmed25n*.xml.gz' \\
+      --out data/pubmed_abstracts [--num_shards 64] [--validation_fraction 0.001] [--min_chars 32] \\
+      [--overwrite] [--pile_set_name "PubMed Abstracts"] [--mimic_category "Discharge summary"]
+
+--input repeats and takes glob patterns. Prints the summary (stats.json) as JSON; exit status 1 with a
+one-line message on a missing input, a non-empty output folder or a bad option. See
+medllama_jax/data/records.py for the output format and medllama_jax/data/corpora.py for the readers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from medllama_jax import logs
+from medllama_jax.data import corpora, records
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="prepare_corpus", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--format", required=True, choices=sorted(corpora.READERS))
+  parser.add_argument("--input", action="append", required=True, help="path or glob; repeatable")
+  parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
+  parser.add_argument("--num_shards", type=int, default=8, help="files per split")
+  parser.add_argument("--validation_fraction", type=float, default=0.001, help="0 = no validation")
+  parser.add_argument("--min_chars", type=int, default=32, help="shorter cleaned texts are dropped")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace what an earlier run wrote in --out")
+  parser.add_argument("--pile_set_name", action="append",
+                      help="jsonl: keep only this meta.pile_set_name; repeatable")
+  parser.add_argument("--mimic_category", action="append",
+                      help="MIMIC notes: keep only this CATEGORY (III) / note_type (IV); repeatable")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  logs.setup()
+  options = {name: getattr(args, name) for name in ("pile_set_name", "mimic_category")
+             if getattr(args, name) is not None}
+  try:
+    summary = records.prepare(args.format, args.input, args.out, num_shards=args.num_shards,
+                              validation_fraction=args.validation_fraction,
+                              min_chars=args.min_chars, overwrite=args.overwrite, **options)
+  except (corpora.CorpusError, OSError, ValueError) as e:
+    print(f"prepare_corpus: error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps(summary, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,228 @@
+"""The training loop end to end on CPU: resume after SIGTERM and kill -9 equals an uninterrupted run
+bit for bit; logs, TensorBoard, gin configs and the final model folder; NaN policy; init checks.
+
+Runs go through ``medllama-train``'s ``main`` in subprocesses (a killed process must really die) on a
+2×2×2 mesh of virtual CPU devices, with a tiny LLaMA, a tiny SentencePiece model and a jsonl corpus
+prepared by the real preparer.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import gin
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from medllama_jax import checkpointing, loading, partitioning, tokenizer
+from medllama_jax.config import get_config
+from medllama_jax.data import records
+from medllama_jax.demo import demo_text_path
+from medllama_jax.model import Llama
+from medllama_jax.train import loop
+
+TOTAL_STEPS = 8
+SAVE_EVERY = 2
+
+# Kills the process (with the given signal) right after the save of step ``kill_at`` has started,
+# i.e. in the middle of an asynchronous checkpoint write.
+DRIVER = textwrap.dedent("""
+    import os, sys
+    from medllama_jax.train import checkpoints, cli
+    kill_at, signum = int(sys.argv[1]), int(sys.argv[2])
+    if kill_at:
+      original = checkpoints.RunCheckpoints.save
+      def save(self, step, *args, **kwargs):
+        started = original(self, step, *args, **kwargs)
+        if step == kill_at:
+          os.kill(os.getpid(), signum)
+        return started
+      checkpoints.RunCheckpoints.save = save
+    sys.exit(cli.main(sys.argv[3:]))
+""")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+  """A tokenizer folder and a prepared ``redpajama`` corpus under ``data/``."""
+  root = tmp_path_factory.mktemp("train_loop")
+  tok_dir = root / "tokenizer"
+  tok_dir.mkdir()
+  model_file = tokenizer.train_sentencepiece(demo_text_path(), str(tok_dir / "tok"), 512)
+  os.replace(model_file, tok_dir / tokenizer.SENTENCEPIECE_FILE)
+  lines = [line.strip() for line in open(demo_text_path()) if line.strip()]
+  jsonl = root / "general.jsonl"
+  with open(jsonl, "w") as f:
+    for i in range(0, len(lines), 3):
+      f.write(json.dumps({"text": " ".join(lines[i:i + 3]), "meta": {}}) + "\n")
+  records.prepare("jsonl", [str(jsonl)], str(root / "data" / "redpajama"), num_shards=2,
+                  validation_fraction=0.2)
+  return root
+
+
+def gin_flags(ws, run_dir: str, **train_overrides) -> list[str]:
+  bindings = {
+      "medllama_jax.config.model_config.preset": '"tiny"',
+      "medllama_jax.partitioning.make_mesh.data": 2,
+      "medllama_jax.partitioning.make_mesh.fsdp": 2,
+      "medllama_jax.partitioning.make_mesh.tensor": 2,
+      "seqio_tasks.pretrain.register_pretrain_mixture.data_dir": f'"{ws / "data"}"',
+      "seqio_tasks.pretrain.register_pretrain_mixture.vocabulary_path": f'"{ws / "tokenizer"}"',
+      "seqio_tasks.pretrain.register_pretrain_mixture.group_rates": '{"general": 1}',
+      "medllama_jax.train.optimizer.make_optimizer.peak_lr": 3e-3,
+      "train.run_dir": f'"{run_dir}"',
+      "train.mixture": "@seqio_tasks.pretrain.register_pretrain_mixture()",
+      "train.tokenizer_dir": f'"{ws / "tokenizer"}"',
+      "train.sequence_length": 32,
+      "train.global_batch_size": 8,
+      "train.total_steps": TOTAL_STEPS,
+      "train.save_every": SAVE_EVERY,
+      "train.log_every": 1,
+      "train.eval_every": 4,
+      "train.eval_batches": 2,
+  }
+  bindings.update({f"train.{k}": v for k, v in train_overrides.items()})
+  return [f"--gin.{name}={value}" for name, value in bindings.items()]
+
+
+def run_cli(ws, run_dir: str, kill_at: int = 0, signum: int = 0) -> subprocess.CompletedProcess:
+  driver = ws / "driver.py"
+  driver.write_text(DRIVER)
+  args = [sys.executable, str(driver), str(kill_at), str(signum),
+          "--gin_file", "mesh/data_fsdp_tensor_2x2x2.gin", *gin_flags(ws, run_dir)]
+  return subprocess.run(args, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def losses_by_step(run_dir: str) -> dict[int, float]:
+  """The last logged training loss of each step (steps redone after a resume overwrite)."""
+  out = {}
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if record["split"] == "train":
+        out[record["step"]] = record["loss"]
+  return out
+
+
+def final_params(run_dir: str) -> dict:
+  directory = os.path.join(run_dir, "final_model", checkpointing.PARAMS_DIR)
+  return checkpointing.read_tensors(directory, checkpointing.params_metadata(directory))
+
+
+def complete_steps(run_dir: str) -> list[int]:
+  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*"))
+                if os.path.basename(p).isdigit())
+
+
+def test_resume_after_sigterm_and_kill_equals_uninterrupted_run(workspace, tmp_path):
+  straight = str(tmp_path / "straight")
+  done = run_cli(workspace, straight)
+  assert done.returncode == 0, done.stderr[-3000:]
+  reference = losses_by_step(straight)
+  assert sorted(reference) == list(range(1, TOTAL_STEPS + 1))
+  assert reference[TOTAL_STEPS] < reference[1]
+
+  resumed = str(tmp_path / "resumed")
+  # SIGTERM during step 3: the loop saves at the end of the next step and exits cleanly.
+  stopped = run_cli(workspace, resumed, kill_at=3, signum=signal.SIGTERM)
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert complete_steps(resumed) == [2, 4]
+  assert not os.path.exists(os.path.join(resumed, "final_model"))
+  # kill -9 right after the asynchronous save of step 6 started.
+  killed = run_cli(workspace, resumed, kill_at=6, signum=signal.SIGKILL)
+  assert killed.returncode == -signal.SIGKILL
+  assert complete_steps(resumed)[-1] in (4, 6)
+  finished = run_cli(workspace, resumed)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert "resuming at step" in finished.stderr
+
+  assert losses_by_step(resumed) == reference  # exact float equality, every step
+  a, b = final_params(straight), final_params(resumed)
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg="/".join(name))
+
+  # What a run leaves behind: gin configs, TensorBoard events with train and eval scalars, a model
+  # folder that loads.
+  assert "train.total_steps = 8" in open(os.path.join(straight, "config.gin")).read()
+  assert "make_optimizer.peak_lr = 0.003" in open(
+      os.path.join(straight, "operative_config.gin")).read()
+  tags = set()
+  for events in glob.glob(os.path.join(straight, "tensorboard", "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(events):
+      tags.update(v.tag for v in event.summary.value)
+  assert {"train/loss", "train/perplexity", "train/learning_rate", "train/grad_norm",
+          "train/tokens_per_s", "train/step_time_s", "eval/loss"} <= tags
+  evals = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))
+           if json.loads(l)["split"] == "eval"]
+  assert [e["step"] for e in evals] == [4, 8] and all(np.isfinite(e["loss"]) for e in evals)
+  mesh = partitioning.make_mesh(1, 1, 1)
+  loaded = loading.load_model(os.path.join(straight, "final_model"), mesh)
+  assert loaded.config.to_hf_dict() == get_config("tiny").to_hf_dict()
+  assert loaded.tokenizer.encode("the heart") == tokenizer.load_tokenizer(
+      str(workspace / "tokenizer")).encode("the heart")
+
+
+def write_model_folder(directory: str, config, nan: bool = False) -> str:
+  mesh = partitioning.make_mesh(1, 1, 1)
+  params = partitioning.init_params(Llama(config), mesh, partitioning.logical_axis_rules(),
+                                    jax.random.key(1))
+  if nan:
+    params["norm"]["scale"] = params["norm"]["scale"].at[0].set(np.nan)
+  checkpointing.save_params(os.path.join(directory, checkpointing.PARAMS_DIR), params)
+  config.save_hf_json(directory)
+  return directory
+
+
+@pytest.fixture
+def in_process_gin(workspace, tmp_path):
+  import seqio_tasks.pretrain  # noqa: F401  (gin configurables)
+
+  def configure(**train_overrides):
+    gin.clear_config()
+    flags = gin_flags(workspace, str(tmp_path / "run"), **train_overrides)
+    gin.parse_config([flag[len("--gin."):].replace("=", " = ", 1) for flag in flags])
+
+  yield configure
+  gin.clear_config()
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_stops_before_any_checkpoint(in_process_gin, tmp_path, policy):
+  init = write_model_folder(str(tmp_path / "nan_model"), get_config("tiny"), nan=True)
+  in_process_gin(init_checkpoint=f'"{init}"', on_non_finite=f'"{policy}"',
+                 max_consecutive_skips=2)
+  with pytest.raises(loop.NonFiniteLossError, match="step 1: loss nan"):
+    loop.train()
+  assert complete_steps(str(tmp_path / "run")) == []
+
+
+def test_init_checkpoint_with_other_architecture_is_refused(in_process_gin, tmp_path):
+  init = write_model_folder(str(tmp_path / "wide"), get_config("tiny", intermediate_size=192))
+  in_process_gin(init_checkpoint=f'"{init}"')
+  with pytest.raises(ValueError, match=r"config.json does not match .*intermediate_size: "
+                                       r"checkpoint 192 vs configured 176"):
+    loop.train()
+
+
+def test_init_checkpoint_parameters_are_the_starting_point(in_process_gin, tmp_path):
+  init = write_model_folder(str(tmp_path / "init"), get_config("tiny"))
+  in_process_gin(init_checkpoint=f'"{init}"', total_steps=1, eval_every=0,
+                 **{"save_every": 1})
+  gin.bind_parameter("medllama_jax.train.optimizer.make_optimizer.peak_lr", 0.0)
+  result = loop.train()
+  start = checkpointing.read_tensors(os.path.join(init, "params"),
+                                     checkpointing.params_metadata(os.path.join(init, "params")))
+  end = final_params(str(tmp_path / "run"))
+  for name in start:
+    np.testing.assert_array_equal(start[name], end[name], err_msg="/".join(name))
+  assert result.step == 1 and result.final_model_dir
