@@ -187,6 +187,10 @@ class _MetricsLog:
     self._start = time.perf_counter()
     return out
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves time spent outside training steps (evaluation) out of the step-time figures."""
+    self._start += seconds
+
   def write(self, step: int, values: dict[str, float], prefix: str) -> None:
     self._writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in values.items()})
     if self._jsonl is not None:
@@ -313,12 +317,14 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
         if step % log_every == 0 or step == total_steps:
           last = log.flush(step, skipped)
         if eval_fn is not None and (step % eval_every == 0 or step == total_steps):
+          eval_start = time.perf_counter()
           eval_data = pipeline.make_data_iterator(mixture, sequence_length, global_batch_size,
                                                   split=eval_split, seed=seed, shuffle=False)
           evaluated = _evaluate(eval_fn, state.params, eval_data, eval_batches, mesh, rules)
           log.write(step, evaluated, "eval")
           logging.info("step %d eval loss %.4f ppl %.2f", step, evaluated["loss"],
                        evaluated["perplexity"])
+          log.exclude(time.perf_counter() - eval_start)
         stop = _any_process(sigterm.received) or ckpts.reached_preemption(step)
         ckpts.save(step, state, data, meta_of(), force=stop or step == total_steps)
         if stop:
