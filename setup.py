@@ -29,6 +29,8 @@ setup(
         "ml_dtypes>=0.5",
         "numpy>=1.26",
         "psutil>=5.9",
+        # The Pile ships .jsonl.zst; the jsonl preparer reads it.
+        "zstandard>=0.22",
     ],
     extras_require={
         # Reading PyTorch pickles (HF pytorch_model*.bin, Meta consolidated.*.pth).
