@@ -31,6 +31,8 @@ setup(
         "psutil>=5.9",
         # The Pile ships .jsonl.zst; the jsonl preparer reads it.
         "zstandard>=0.22",
+        # ROUGE for the summarization tasks of MIBE (F1 and entity F1 are computed in numpy).
+        "rouge-score>=0.1.2",
     ],
     extras_require={
         # Reading PyTorch pickles (HF pytorch_model*.bin, Meta consolidated.*.pth).
@@ -43,7 +45,12 @@ setup(
             "torch==2.13.0",
             "transformers>=4.45",
             "safetensors>=0.4",
+            # Reference libraries the evaluation metrics are checked against.
+            "scikit-learn>=1.3",
+            "seqeval>=1.2.2",
         ],
+        # BERTScore for the summarization tasks, with a model folder the user provides.
+        "bertscore": ["bert-score>=0.3.13"],
     },
     entry_points={
         "console_scripts": [
