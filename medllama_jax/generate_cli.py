@@ -3,8 +3,11 @@
   medllama-generate --model DIR --prompt "The patient presented with" [--prompt ...]
       [--max_new_tokens 64] [--temperature 0 --top_k 0 --top_p 1.0 --seed 0]
       [--dtype float32|bfloat16] [--mesh data=1,fsdp=-1,tensor=1] [--json]
+      [--chat [--chat_template medllama]]
 
 Prompts are batched (left-padded) and decoded with a KV cache; greedy unless --temperature > 0.
+With --chat, each prompt is one user turn rendered in a chat template (medllama_jax.chat), and the
+assistant's answer is generated.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from medllama_jax import decode, loading, logs, partitioning
+from medllama_jax import chat, decode, loading, logs, partitioning
+from medllama_jax.data.instruct import USER, Conversation, Turn
+from medllama_jax.tokenizer import Tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--attention", choices=("xla", "dot_product", "cudnn", "splash"), default="xla")
   parser.add_argument("--json", action="store_true",
                       help="print one JSON object per prompt: prompt, text, token_ids (generated)")
+  parser.add_argument("--chat", action="store_true",
+                      help="wrap each prompt as a user turn of --chat_template; generate the answer")
+  parser.add_argument("--chat_template", choices=sorted(chat.TEMPLATES),
+                      default=chat.DEFAULT_TEMPLATE, help="with --chat (see medllama_jax/chat.py)")
   return parser
+
+
+def encode_prompt(tok: Tokenizer, prompt: str, chat_template: str | None = None) -> list[int]:
+  """Prompt ids: the text as given (BOS first), or with a ``chat_template`` what an instruction-
+  tuned model saw before the answer to ``prompt`` as its one user turn."""
+  if chat_template is None:
+    return tok.encode(prompt, add_bos=tok.bos_id is not None)
+  return chat.render_prompt(Conversation((Turn(USER, prompt),)), tok, chat_template)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   loaded = loading.load_model(args.model, mesh, dtype=args.dtype, param_dtype=args.dtype,
                               attention_impl=args.attention)
   tok = loaded.tokenizer
-  prompts = [tok.encode(p, add_bos=tok.bos_id is not None) for p in args.prompt]
+  template = args.chat_template if args.chat else None
+  prompts = [encode_prompt(tok, p, template) for p in args.prompt]
   sampling = decode.SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    seed=args.seed, max_new_tokens=args.max_new_tokens)
   eos_ids = tuple(loaded.config.eos_token_ids) or ((tok.eos_id,) if tok.eos_id is not None else ())

@@ -59,7 +59,8 @@ INCLUDED_FILES = [GIN_DIR / "pretrain_me_llama_common.gin"]
 
 
 def test_every_gin_file_is_covered_by_a_test():
-  covered = set(MODEL_FILES) | set(MESH_FILES) | set(RECIPE_FILES) | set(INCLUDED_FILES)
+  covered = (set(MODEL_FILES) | set(MESH_FILES) | set(RECIPE_FILES) | set(INCLUDED_FILES)
+             | set(INSTRUCT_RECIPE_FILES))
   assert covered == set(GIN_DIR.rglob("*.gin"))
 
 
@@ -101,3 +102,62 @@ def test_recipe_builds_model_mesh_optimizer_and_mixture(path, prepared):
   if "demo" not in path.stem:
     assert cfg.dtype == "bfloat16" and train["sequence_length"] == 4096
     assert train["global_batch_size"] * train["sequence_length"] * train["total_steps"] >= 129e9
+
+
+INSTRUCT_RECIPE_FILES = sorted(GIN_DIR.glob("instruct_me_llama_*b.gin")) + [
+    GIN_DIR / "demo" / "instruct_demo.gin"]
+
+
+@pytest.fixture(scope="module")
+def instruct_prepared(tmp_path_factory):
+  """A file per instruction source (copies of the packaged sample) and a tokenizer folder."""
+  import shutil
+
+  import seqio_tasks.instruct
+
+  root = tmp_path_factory.mktemp("instruct_recipes")
+  (root / "data").mkdir()
+  for source in seqio_tasks.instruct.SOURCES:
+    shutil.copyfile(seqio_tasks.instruct.demo_sample_path(), root / "data" / f"{source}.jsonl")
+  demo.train_tokenizer(str(root / "model"), 1024)
+  return root
+
+
+@pytest.mark.parametrize("path", INSTRUCT_RECIPE_FILES, ids=lambda p: p.stem)
+def test_instruct_recipe_builds_model_mesh_optimizer_and_mixture(path, instruct_prepared):
+  from medllama_jax.data import pipeline
+  from medllama_jax.train import cli, loop  # noqa: F401  (gin configurables)
+  from medllama_jax.train import optimizer as optim
+
+  root = instruct_prepared
+  cli.parse_gin([str(path)], [f"RUN_DIR = '{root / 'run'}'", f"DATA_DIR = '{root / 'data'}'",
+                              f"INIT_CHECKPOINT = '{root / 'model'}'"], [])
+  import seqio_tasks.instruct  # imported by the gin file itself
+
+  cfg = config.model_config()
+  params = partitioning.unbox(partitioning.abstract_params(Llama(cfg)))
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+  assert partitioning.make_mesh().devices.size == jax.device_count()
+  train = gin.get_bindings("medllama_jax.train.loop.train")
+  _, schedule = optim.make_optimizer(total_steps=train["total_steps"])
+  demo_recipe = "demo" in path.stem
+  warmup, peak = (0.1, 1e-3) if demo_recipe else (0.03, 1e-5)
+  np.testing.assert_allclose(float(schedule(round(warmup * train["total_steps"]))), peak, rtol=1e-6)
+  if demo_recipe:
+    name = seqio_tasks.instruct.register_instruct_task()
+    assert name == "me_llama_instruct_demo"
+    batch = next(pipeline.make_data_iterator(name, train["sequence_length"], 8, shard_index=0,
+                                             num_shards=1))
+    assert set(np.unique(batch["decoder_loss_weights"])) == {0.0, 1.0}
+    return
+  name = seqio_tasks.instruct.register_instruct_mixture()
+  mixture = seqio.get_mixture_or_task(name)
+  rates = {t.name.split(f"{name}_")[1]: mixture.get_rate(t) for t in mixture.tasks}
+  assert rates == {s: float(source.samples) for s, source in seqio_tasks.instruct.SOURCES.items()}
+  opt = gin.get_bindings("medllama_jax.train.optimizer.make_optimizer")
+  assert (opt["b1"], opt["b2"], opt["weight_decay"]) == (0.9, 0.999, 0.0)
+  assert gin.get_bindings("medllama_jax.data.pipeline.make_data_iterator")["pack"] is False
+  assert cfg.dtype == "bfloat16" and train["sequence_length"] == 4096
+  # Unpacked rows: one sample per row, so the steps cover 3 epochs of the 219,484 samples.
+  epochs = train["global_batch_size"] * train["total_steps"] / sum(rates.values())
+  assert 3 <= epochs < 3 + train["global_batch_size"] / sum(rates.values())
