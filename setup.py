@@ -12,7 +12,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["medllama_jax", "medllama_jax.*", "seqio_tasks", "seqio_tasks.*"]),
-    package_data={"medllama_jax": ["demo_data/*", "demo_data/corpora/*", "demo_data/corpora/**/*"]},
+    package_data={"medllama_jax": ["demo_data/*", "demo_data/corpora/*", "demo_data/corpora/**/*",
+                                   "demo_data/mibe/*", "demo_data/mibe/**/*"]},
     install_requires=[
         "absl-py>=2.1",
         "jax>=0.7,<0.11",
@@ -57,6 +58,7 @@ setup(
             "medllama-convert=medllama_jax.convert.cli:run",
             "medllama-generate=medllama_jax.generate_cli:run",
             "medllama-train=medllama_jax.train.cli:run",
+            "medllama-eval=medllama_jax.eval.cli:run",
         ],
     },
 )

@@ -54,13 +54,14 @@ def test_mesh_gin_builds_mesh(path):
 
 
 RECIPE_FILES = sorted(GIN_DIR.glob("pretrain_me_llama_*b.gin")) + [GIN_DIR / "demo" / "pretrain_demo.gin"]
+EVAL_FILE = GIN_DIR / "eval_mibe.gin"
 # Included by the recipes, never parsed alone.
 INCLUDED_FILES = [GIN_DIR / "pretrain_me_llama_common.gin"]
 
 
 def test_every_gin_file_is_covered_by_a_test():
   covered = (set(MODEL_FILES) | set(MESH_FILES) | set(RECIPE_FILES) | set(INCLUDED_FILES)
-             | set(INSTRUCT_RECIPE_FILES))
+             | set(INSTRUCT_RECIPE_FILES) | {EVAL_FILE})
   assert covered == set(GIN_DIR.rglob("*.gin"))
 
 
@@ -161,3 +162,21 @@ def test_instruct_recipe_builds_model_mesh_optimizer_and_mixture(path, instruct_
   # Unpacked rows: one sample per row, so the steps cover 3 epochs of the 219,484 samples.
   epochs = train["global_batch_size"] * train["total_steps"] / sum(rates.values())
   assert 3 <= epochs < 3 + train["global_batch_size"] / sum(rates.values())
+
+
+def test_eval_gin_registers_every_mibe_task_with_the_release_protocol(prepared):
+  from medllama_jax.eval import evaluator  # noqa: F401  (gin configurables)
+  from medllama_jax.train import cli
+
+  data = str(pathlib.Path(demo.demo_data_path("mibe")))
+  cli.parse_gin([str(EVAL_FILE)], [f"CHECKPOINT = '{prepared / 'model'}'", f"DATA_DIR = '{data}'",
+                                   f"OUT_DIR = '{prepared / 'eval'}'"], [])
+  bindings = gin.get_bindings("medllama_jax.eval.evaluator.evaluate")
+  assert (bindings["max_new_tokens"], bindings["stop_sequences"]) == (256, ())
+  import seqio_tasks.mibe
+
+  names = seqio_tasks.mibe.register_mibe_tasks()
+  assert len(names) == 12 and all(n.endswith("_0shot") for n in names)
+  for name in names:
+    assert next(iter(seqio.get_mixture_or_task(name).get_dataset(None, split="test",
+                                                                  shuffle=False)))["inputs"].shape[0]

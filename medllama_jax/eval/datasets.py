@@ -1,0 +1,448 @@
+"""The MIBE datasets (and MMLU): readers, the release's prompts, gold answers for the scorers.
+
+Every dataset is read from a local folder ``{data_dir}/{dataset}/`` that the user fills (nothing is
+downloaded; most sets are credentialed). :data:`SPECS` says which files each folder holds; a reader
+turns one file into records (dicts) of canonical fields plus ``answer`` (the text the model should
+write, which is also what a few-shot demonstration shows) and ``gold`` (the reference in the format
+``scorers.SCORERS[dataset]`` takes, JSON-serialisable). Files (evaluation set / few-shot pool)
+and formats; where the release's own preprocessed files are not public or not certain, the format
+is our choice, marked "ours":
+
+* ``pubmedqa``: ``test_set.json`` / ``train_set.json``, the output of PubMedQA's
+  ``preprocess/split_dataset.py`` (PQA-L, 500 test questions): ``{pmid: {QUESTION, CONTEXTS,
+  final_decision}}``.
+* ``medqa``: ``test.jsonl`` / ``train.jsonl``, MedQA-USMLE with 5 options: ``{question, options:
+  {A..E}, answer_idx}``.
+* ``medmcqa``: ``dev.json`` / ``train.json``, the official jsonl files ``{question, opa..opd,
+  cop}`` with ``cop`` 1-4. The test set has no public answers, so dev is the evaluation set.
+* ``emrqa``: ``test.json`` / ``train.json``, SQuAD json (``data/paragraphs/qas``); the first answer
+  is the gold.
+* ``i2b2`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{tokens, tags}`` with BIO tags over
+  problem/treatment/test, one document or sentence a line, converted from the n2c2 2010
+  ``.txt``/``.con`` files.
+* ``ddi`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{sentence, label}`` with a label of
+  ``scorers.DDI_LABELS``.
+* ``hoc`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{text, labels: [...]}`` with labels of
+  ``scorers.HOC_LABELS``.
+* ``mtsample``: ``test.csv`` / ``train.csv``, a split of Kaggle's mtsamples.csv (its columns);
+  rows without a transcription are skipped.
+* ``pubmed_summarization``: ``test.txt`` / ``train.txt``, Cohan et al. 2018's jsonl:
+  ``{article_text: [sentences], abstract_text: ["<S> ... </S>", ...]}``.
+* ``mimic_cxr`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{findings, impression}``.
+* ``bionli`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{premise, hypothesis, label}``.
+* ``mednli``: ``mli_test_v1.jsonl`` / ``mli_train_v1.jsonl``, ``{sentence1, sentence2,
+  gold_label}``.
+* ``mmlu``: ``test/*_test.csv`` / ``dev/*_dev.csv``, Hendrycks et al.'s CSVs without a header
+  (question, A, B, C, D, answer).
+
+Prompts: the ``release`` variant is the text of the Me-LLaMA release's evaluation harness (an
+lm-evaluation-harness 0.3.0 fork) where it was published; the i2b2 and BioNLI templates were never
+released and are ours, in the same style. ``fixed`` is the same text with two typos of the release
+mended (emrQA's "Question" without a colon, MIMIC-CXR's indentation inside the prompt). k-shot
+prompts put k demonstrations (prompt and answer) from the few-shot pool before the prompt, separated
+by a blank line; each test example draws its own k with a seed of (``seed``, its index), so a prompt
+does not depend on which other examples are evaluated. MMLU is the general-domain task of the
+forgetting study; it is scored as MedMCQA (four option letters), its shots come from the dev CSVs of
+all subjects.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+import random
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from medllama_jax.eval import metrics, scorers
+
+Record = dict[str, Any]
+PROMPT_VARIANTS = ("release", "fixed")
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers: one file → records with the dataset's canonical fields, ``answer`` and ``gold``.
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _labelled(answer: str, **fields: Any) -> Record:
+  """A single-label record: the label is both what the model should write and the gold."""
+  return {**fields, "answer": answer, "gold": answer}
+
+
+def _read_pubmedqa(path: str) -> list[Record]:
+  return [_labelled(item["final_decision"], question=item["QUESTION"],
+                    contexts=list(item["CONTEXTS"])) for item in _read_json(path).values()]
+
+
+def _read_medqa(path: str) -> list[Record]:
+  return [_labelled(row["answer_idx"], question=row["question"],
+                    options=[row["options"][letter] for letter in scorers.MEDQA_OPTIONS])
+          for row in _read_jsonl(path)]
+
+
+def _read_medmcqa(path: str) -> list[Record]:
+  records = []
+  for row in _read_jsonl(path):
+    if row["cop"] not in (1, 2, 3, 4):
+      raise ValueError(f"{path}: cop={row['cop']!r} (id {row.get('id')}); the official MedMCQA "
+                       "files number the correct option 1-4 (a 0-3 export needs converting)")
+    records.append(_labelled(scorers.MEDMCQA_OPTIONS[row["cop"] - 1], question=row["question"],
+                             options=[row[key] for key in ("opa", "opb", "opc", "opd")]))
+  return records
+
+
+def _read_emrqa(path: str) -> list[Record]:
+  return [{"context": paragraph["context"], "question": qa["question"],
+           "answer": qa["answers"][0]["text"], "gold": qa["answers"][0]["text"]}
+          for article in _read_json(path)["data"] for paragraph in article["paragraphs"]
+          for qa in paragraph["qas"]]
+
+
+def _read_i2b2(path: str) -> list[Record]:
+  return [{"tokens": row["tokens"], "answer": scorers.render_ner_html(row["tokens"], row["tags"]),
+           "gold": [row["tokens"], row["tags"]]} for row in _read_jsonl(path)]
+
+
+def _read_ddi(path: str) -> list[Record]:
+  return [_labelled(row["label"], sentence=row["sentence"]) for row in _read_jsonl(path)]
+
+
+def _read_hoc(path: str) -> list[Record]:
+  return [{"text": row["text"], "answer": ", ".join(row["labels"]), "gold": list(row["labels"])}
+          for row in _read_jsonl(path)]
+
+
+def _read_mtsample(path: str) -> list[Record]:
+  with open(path, encoding="utf-8", newline="") as f:
+    return [_labelled(row["medical_specialty"].strip(), transcription=row["transcription"].strip())
+            for row in csv.DictReader(f) if row["transcription"].strip()]
+
+
+def _cohan_sentences(sentences: Sequence[str]) -> str:
+  """Cohan et al. wrap abstract sentences in ``<S>``/``</S>``; the text is the sentences joined."""
+  return " ".join(" ".join(s.replace("<S>", " ").replace("</S>", " ").split()) for s in sentences)
+
+
+def _read_pubmed_summarization(path: str) -> list[Record]:
+  records = []
+  for row in _read_jsonl(path):
+    abstract = _cohan_sentences(row["abstract_text"])
+    records.append({"article": " ".join(row["article_text"]), "answer": abstract,
+                    "gold": abstract})
+  return records
+
+
+def _read_mimic_cxr(path: str) -> list[Record]:
+  return [{"findings": row["findings"], "answer": row["impression"], "gold": row["impression"]}
+          for row in _read_jsonl(path)]
+
+
+def _read_bionli(path: str) -> list[Record]:
+  return [_labelled(row["label"], premise=row["premise"], hypothesis=row["hypothesis"])
+          for row in _read_jsonl(path)]
+
+
+def _read_mednli(path: str) -> list[Record]:
+  return [_labelled(row["gold_label"], premise=row["sentence1"], hypothesis=row["sentence2"])
+          for row in _read_jsonl(path)]
+
+
+def _read_mmlu(path: str) -> list[Record]:
+  subject = os.path.basename(path).rsplit("_", 1)[0].replace("_", " ")
+  with open(path, encoding="utf-8", newline="") as f:
+    return [_labelled(answer.strip(), subject=subject, question=question, options=options)
+            for question, *options, answer in csv.reader(f)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts: (record, variant) → the text the model continues.
+
+_MEDQA_INSTRUCTION = (
+    "You are a medical doctor taking the US Medical Licensing Examination. You need to "
+    "demonstrate your understanding of basic and clinical science, medical knowledge, and "
+    "mechanisms underlying health, disease, patient care, and modes of therapy. Show your ability "
+    "to apply the knowledge essential for medical practice. For the following multiple-choice "
+    "question, select one correct answer from A to E. Base your answer on the current and "
+    "standard practices referenced in medical guidelines.")
+# CHECK against the release: written by analogy with MedQA's, from its published first sentence and
+# "select one correct answer from A to D".
+_MEDMCQA_INSTRUCTION = (
+    "You are a medical doctor answering realworld medical entrance exam questions. Based on your "
+    "understanding of basic and clinical science, medical knowledge, and mechanisms underlying "
+    "health, disease, patient care, and modes of therapy, answer the following multiple-choice "
+    "question. Select one correct answer from A to D. Base your answer on the current and standard "
+    "practices referenced in medical guidelines.")
+_NLI_TASK = ("TASK: Please classify the relationship between the given premise and hypothesis into "
+             "one of the following labels: entailment, contradiction, or neutral. Return only the "
+             "label.")
+
+
+def _lettered(options: Sequence[str]) -> str:
+  return "\n".join(f"{letter}. {option}" for letter, option in zip(scorers.MEDQA_OPTIONS, options))
+
+
+def _exam_prompt(instruction: str) -> Callable[[Record, str], str]:
+  """MedQA/MedMCQA: a question that ends in neither "?" nor "." gets a "?" (as in the release)."""
+
+  def prompt(r: Record, variant: str) -> str:
+    question = r["question"] if r["question"].endswith(("?", ".")) else r["question"] + "?"
+    return (f"{instruction}\nQuestion: {question}\n\nOptions:\n{_lettered(r['options'])}\n\n"
+            "The answer is")
+
+  return prompt
+
+
+def _task_prompt(task: str, input_field: str) -> Callable[[Record, str], str]:
+  """The release's "TASK: ... ### INPUT: ... OUTPUT:" layout."""
+  return lambda r, variant: f"TASK: {task}\n###\nINPUT: {r[input_field]}\nOUTPUT:"
+
+
+def _pubmedqa_prompt(r: Record, variant: str) -> str:
+  contexts = "\n".join(r["contexts"])
+  return ("As an expert doctor in clinical science and medical knowledge, can you tell me if the "
+          "following statement is correct? Answer yes, no, or maybe.\n"
+          f"{contexts}\n{r['question']}\nThe answer is:")
+
+
+def _nli_prompt(r: Record, variant: str) -> str:
+  return f"{_NLI_TASK}\n###\nINPUT: [PRE] {r['premise']} [HYP] {r['hypothesis']}\nOUTPUT:"
+
+
+def _emrqa_prompt(r: Record, variant: str) -> str:
+  question_cue = "Question" if variant == "release" else "Question:"
+  return ("TASK: Given a medical context and an open-ended question related to it, extract the "
+          "relevant text segment from the context as an answer. Expected output: Only extract and "
+          "return the text segment from the provided context that directly answers the question. "
+          f"Do not add any new words.\n###\nContext: {r['context']}\n{question_cue} "
+          f"{r['question']}\nAnswer:")
+
+
+def _mimic_cxr_prompt(r: Record, variant: str) -> str:
+  indent = "    " if variant == "release" else ""
+  return (f"Derive the impression from findings in the radiology report.\n{indent}INPUT: "
+          f"{r['findings']}\n{indent}OUTPUT:\n{indent}")
+
+
+def _i2b2_prompt(r: Record, variant: str) -> str:
+  # Ours (the release published no i2b2 template), in its TASK/INPUT/OUTPUT style.
+  return ("TASK: Mark every medical problem, treatment and test mentioned in the input. Return the "
+          'input text unchanged, each mention wrapped in <span class="problem">, '
+          '<span class="treatment"> or <span class="test"> and </span>.\n###\n'
+          f"INPUT: {' '.join(r['tokens'])}\nOUTPUT:")
+
+
+def _mmlu_prompt(r: Record, variant: str) -> str:
+  """Hendrycks et al.'s zero-shot format."""
+  return (f"The following are multiple choice questions (with answers) about {r['subject']}.\n\n"
+          f"{r['question']}\n{_lettered(r['options'])}\nAnswer:")
+
+
+# CHECK against the release: the DDI, HoC, MTSample and PubMed templates follow its
+# TASK/INPUT/OUTPUT layout and label lists; their exact wording is not in the published code.
+_DDI_PROMPT = _task_prompt(
+    "Given a sentence from biomedical literature that mentions two drugs, classify the "
+    f"drug-drug interaction it describes into one of the following labels: "
+    f"{', '.join(scorers.DDI_LABELS)}. Return only the label.", "sentence")
+_HOC_PROMPT = _task_prompt(
+    "Given a sentence from a cancer research abstract, return the hallmarks of cancer it refers "
+    f"to, from the following labels: {', '.join(scorers.HOC_LABELS)}. Return only the labels, "
+    "separated by commas.", "text")
+_MTSAMPLE_PROMPT = _task_prompt(
+    "Given a medical transcription, classify it into one of the following medical specialties: "
+    f"{', '.join(scorers.MTSAMPLE_SPECIALTIES)}. Return only the specialty.", "transcription")
+_PUBMED_PROMPT = _task_prompt(
+    "Given a biomedical research article, write its abstract: a concise summary of its "
+    "background, methods, results and conclusions.", "article")
+_BIONLI_PROMPT = _nli_prompt  # Ours: MedNLI's template (the release published none for BioNLI).
+
+
+# --------------------------------------------------------------------------------------------------
+# The table.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """How to read, prompt and score one dataset.
+
+  ``test_files``/``shot_files``: globs inside the dataset's folder (evaluation set, few-shot pool);
+  ``options``: the answers of a multiple-choice dataset, ranked by log-likelihood in addition to
+  being scored from generated text; ``scorer``: the key of ``scorers.SCORERS``; ``source``: where to
+  get the data, for the error raised when the folder is missing.
+  """
+  test_files: str
+  shot_files: str
+  read: Callable[[str], list[Record]]
+  prompt: Callable[[Record, str], str]
+  scorer: str
+  source: str
+  options: tuple[str, ...] = ()
+
+
+_CREDENTIALED = ("credentialed: PhysioNet / n2c2 (DBMI Data Portal) after signing the data use "
+                 "agreement")
+
+SPECS: Mapping[str, DatasetSpec] = types.MappingProxyType({
+    "pubmedqa": DatasetSpec(
+        "test_set.json", "train_set.json", _read_pubmedqa, _pubmedqa_prompt, "pubmedqa",
+        "https://github.com/pubmedqa/pubmedqa (PQA-L; run preprocess/split_dataset.py)",
+        scorers.PUBMEDQA_LABELS),
+    "medqa": DatasetSpec(
+        "test.jsonl", "train.jsonl", _read_medqa, _exam_prompt(_MEDQA_INSTRUCTION), "medqa",
+        "the MedQA release, https://github.com/jind11/MedQA (data_clean/questions/US/*.jsonl)",
+        scorers.MEDQA_OPTIONS),
+    "medmcqa": DatasetSpec(
+        "dev.json", "train.json", _read_medmcqa, _exam_prompt(_MEDMCQA_INSTRUCTION), "medmcqa",
+        "https://medmcqa.github.io", scorers.MEDMCQA_OPTIONS),
+    "emrqa": DatasetSpec("test.json", "train.json", _read_emrqa, _emrqa_prompt, "emrqa",
+                         f"emrQA ({_CREDENTIALED}), converted to SQuAD json"),
+    "i2b2": DatasetSpec("test.jsonl", "train.jsonl", _read_i2b2, _i2b2_prompt, "i2b2",
+                        f"i2b2 2010 concepts ({_CREDENTIALED}), .con files converted to BIO jsonl"),
+    "ddi": DatasetSpec("test.jsonl", "train.jsonl", _read_ddi, _DDI_PROMPT, "ddi",
+                       "the DDI 2013 corpus (DDI Extraction 2013, https://github.com/isegura/"
+                       "DDICorpus), one jsonl line per drug pair", scorers.DDI_LABELS),
+    "hoc": DatasetSpec("test.jsonl", "train.jsonl", _read_hoc, _HOC_PROMPT, "hoc",
+                       "the Hallmarks of Cancer corpus (Baker et al. 2016, "
+                       "https://github.com/sb895/Hallmarks-of-Cancer)"),
+    "mtsample": DatasetSpec("test.csv", "train.csv", _read_mtsample, _MTSAMPLE_PROMPT, "mtsample",
+                            "MTSamples, Kaggle's mtsamples.csv (split into test.csv/train.csv)",
+                            scorers.MTSAMPLE_SPECIALTIES),
+    "pubmed_summarization": DatasetSpec(
+        "test.txt", "train.txt", _read_pubmed_summarization, _PUBMED_PROMPT, "pubmed_summarization",
+        "the PubMed summarization set of Cohan et al. 2018, https://github.com/armancohan/"
+        "long-summarization"),
+    "mimic_cxr": DatasetSpec("test.jsonl", "train.jsonl", _read_mimic_cxr, _mimic_cxr_prompt,
+                             "mimic_cxr", f"MIMIC-CXR reports ({_CREDENTIALED}), findings and "
+                             "impression sections extracted to jsonl"),
+    "bionli": DatasetSpec("test.jsonl", "train.jsonl", _read_bionli, _BIONLI_PROMPT, "bionli",
+                          "BioNLI (Bastan et al. 2022, https://github.com/StonyBrookNLP/BioNLI)",
+                          scorers.NLI_LABELS),
+    "mednli": DatasetSpec("mli_test_v1.jsonl", "mli_train_v1.jsonl", _read_mednli, _nli_prompt,
+                          "mednli", f"MedNLI ({_CREDENTIALED})", scorers.NLI_LABELS),
+    "mmlu": DatasetSpec("test/*_test.csv", "dev/*_dev.csv", _read_mmlu, _mmlu_prompt, "medmcqa",
+                        "MMLU, https://github.com/hendrycks/test (data.tar: test/ and dev/)",
+                        scorers.MEDMCQA_OPTIONS),
+})
+MIBE_DATASETS: tuple[str, ...] = tuple(scorers.SCORERS)
+
+
+def get_spec(dataset: str) -> DatasetSpec:
+  if dataset not in SPECS:
+    raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(SPECS)}")
+  return SPECS[dataset]
+
+
+def dataset_files(dataset: str, dataset_dir: str, shots: bool = False) -> list[str]:
+  """The files of the evaluation set (or the few-shot pool) in ``dataset_dir``; a clear error, with
+  where to get the data and where to put it, when there are none."""
+  spec = get_spec(dataset)
+  pattern = spec.shot_files if shots else spec.test_files
+  files = sorted(glob.glob(os.path.join(dataset_dir, pattern)))
+  if not files:
+    role = "few-shot pool (needed for k > 0 shots)" if shots else "evaluation set"
+    raise FileNotFoundError(
+        f"MIBE dataset {dataset!r}: no {role} {os.path.join(dataset_dir, pattern)}. Get it from "
+        f"{spec.source} and put it there (see medllama_jax/eval/datasets.py for the format); it "
+        "is never downloaded.")
+  return files
+
+
+def read_records(dataset: str, dataset_dir: str, shots: bool = False) -> list[Record]:
+  spec = get_spec(dataset)
+  files = dataset_files(dataset, dataset_dir, shots)
+  records = [r for path in files for r in spec.read(path)]
+  if not records:
+    raise ValueError(f"MIBE dataset {dataset!r}: no examples in {files}")
+  return records
+
+
+def with_answer(prompt: str, answer: str) -> str:
+  """A demonstration: the prompt, a space unless the prompt ends in whitespace, the answer."""
+  return f"{prompt}{'' if prompt[-1:].isspace() else ' '}{answer}"
+
+
+def build_examples(dataset: str, dataset_dir: str, num_shots: int = 0, variant: str = "release",
+                   seed: int = 0) -> list[dict[str, Any]]:
+  """Evaluation examples: ``index``, ``inputs`` (the prompt text), ``targets`` (the answer text),
+  ``gold`` (JSON of the scorer's reference) and, for multiple choice, ``options``."""
+  if variant not in PROMPT_VARIANTS:
+    raise ValueError(f"prompt variant must be one of {PROMPT_VARIANTS}, not {variant!r}")
+  if num_shots < 0:
+    raise ValueError(f"num_shots={num_shots} must be >= 0")
+  spec = get_spec(dataset)
+  pool = read_records(dataset, dataset_dir, shots=True) if num_shots else []
+  if len(pool) < num_shots:
+    raise ValueError(f"MIBE dataset {dataset!r}: {num_shots} shots asked, the pool has {len(pool)}")
+  examples = []
+  for index, record in enumerate(read_records(dataset, dataset_dir)):
+    shots = random.Random(f"{seed}:{index}").sample(pool, num_shots)
+    demonstrations = [with_answer(spec.prompt(s, variant), s["answer"]) for s in shots]
+    prompt = "\n\n".join([*demonstrations, spec.prompt(record, variant)])
+    example = {"index": index, "inputs": prompt, "targets": record["answer"],
+               "gold": json.dumps(record["gold"])}
+    if spec.options:
+      example["options"] = list(spec.options)
+    examples.append(example)
+  return examples
+
+
+# --------------------------------------------------------------------------------------------------
+# seqio hooks: postprocessing and metric functions.
+
+
+def _text(value: str | bytes) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def postprocess(output: str | bytes, example: Mapping[str, Any] | None = None,
+                is_target: bool = False) -> Any:
+  """seqio's ``postprocess_fn``: a prediction stays text (the scorers parse it); a target becomes
+  the scorer's reference, read from the example's ``gold`` feature."""
+  if is_target:
+    return json.loads(_text(example["gold"]))
+  return _text(output)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedTextMetric:
+  """A scorer over generated text, its keys prefixed ``{variant}/`` so variants do not collide."""
+  scorer: str
+  variant: str
+
+  def __call__(self, targets: Sequence[Any], predictions: Sequence[str]) -> dict[str, Any]:
+    scores = scorers.SCORERS[self.scorer](targets, predictions, self.variant)
+    return {f"{self.variant}/{key}": value for key, value in scores.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionRankingMetric:
+  """Log-likelihood multiple choice: ``scores`` holds, per example, the log-likelihood of each of
+  ``options`` as the continuation of the prompt; keys are prefixed ``loglikelihood/``."""
+  options: tuple[str, ...]
+
+  def __call__(self, targets: Sequence[str], scores: Sequence[Sequence[float]]) -> dict[str, float]:
+    gold = [self.options.index(target) for target in targets]
+    return {f"loglikelihood/{k}": v for k, v in metrics.loglikelihood_choice(scores, gold).items()}
+
+
+def metric_fns(dataset: str) -> list[Callable[..., dict[str, Any]]]:
+  """The release and fixed scorers, and option ranking for a multiple-choice dataset."""
+  spec = get_spec(dataset)
+  fns: list[Callable[..., dict[str, Any]]] = [GeneratedTextMetric(spec.scorer, variant)
+                                              for variant in scorers.VARIANTS]
+  if spec.options:
+    fns.append(OptionRankingMetric(spec.options))
+  return fns

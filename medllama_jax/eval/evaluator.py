@@ -1,0 +1,251 @@
+"""Runs seqio evaluation Tasks (MIBE, MMLU) on a model folder and writes what the paper tabulates.
+
+Per task: the ``test`` split from ``task.get_dataset`` (seqio does the reading, prompting and
+tokenizing), our own batching (seqio.Evaluator is built around t5x's predict/score callbacks and
+feature converters; calling ``decode`` directly is shorter and keeps one compiled program per batch
+shape), then
+
+* greedy generation with the KV cache, up to ``max_new_tokens`` (256, as the release), stopping at
+  EOS and cut at the first of ``stop_sequences`` (none in the release); the text goes through the
+  task's ``postprocess_fn`` to its ``predict_metric_fns``;
+* for multiple-choice tasks (examples with an ``options`` feature), the log-likelihood of each
+  option as the continuation of the prompt (``decode.score``), to its ``score_metric_fns`` (which
+  take, per example, the list of option log-likelihoods).
+
+Prompts longer than the model's context minus ``max_new_tokens`` keep BOS and their last tokens
+(lm-evaluation-harness cuts contexts from the left too); how many were cut is reported. Examples
+are batched longest first, so batch-mates have similar lengths; greedy rows do not depend on their
+batch-mates, and the last batch is filled up with copies so that every batch has one shape.
+
+Written to ``out_dir``: ``results.json`` (model, settings, each task's construction and metrics),
+``results.md`` (a table, one row per task), TensorBoard scalars ``{task}/{metric}`` under
+``tensorboard/``, and with ``write_predictions`` ``predictions/{task}.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+import seqio
+from absl import logging
+from clu import metric_writers
+
+from medllama_jax import decode, loading, partitioning
+from seqio_tasks import mibe
+
+SPLIT = "test"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  max_new_tokens: int = 256
+  batch_size: int = 8
+  stop_sequences: tuple[str, ...] = ()
+  # Option ranking runs one forward pass per option (40 for MTSample); it can be left out.
+  score_options: bool = True
+  # Prompts are padded to a multiple of this, so that batches of similar length share a program.
+  length_bucket: int = 64
+
+
+@dataclasses.dataclass
+class TaskResult:
+  task: str
+  metrics: dict[str, Any]
+  predictions: list[dict[str, Any]]
+  truncated_prompts: int
+
+
+def cut_at_stop(text: str, stop_sequences: Sequence[str]) -> str:
+  """``text`` up to the earliest occurrence of any stop sequence."""
+  cuts = [i for i in (text.find(stop) for stop in stop_sequences if stop) if i >= 0]
+  return text[:min(cuts)] if cuts else text
+
+
+def fit_prompt(ids: Sequence[int], max_length: int) -> list[int]:
+  """``ids`` (BOS first) cut from the left to ``max_length`` tokens, BOS kept."""
+  ids = list(ids)
+  if len(ids) <= max_length:
+    return ids
+  return [ids[0], *ids[len(ids) - max_length + 1:]]
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[tuple[list[Any], int]]:
+  """Batches of exactly ``size`` (the last filled up with copies of its first item) and how many
+  of each are real."""
+  for start in range(0, len(items), size):
+    batch = list(items[start:start + size])
+    yield batch + [batch[0]] * (size - len(batch)), len(batch)
+
+
+def _longest_first(lengths: Sequence[int]) -> list[int]:
+  return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def _generate(loaded: loading.LoadedModel, prompts: Sequence[list[int]], settings: EvalSettings,
+              eos_ids: Sequence[int], task: str) -> list[list[int]]:
+  order = _longest_first([len(p) for p in prompts])
+  sampling = decode.SamplingConfig(max_new_tokens=settings.max_new_tokens)
+  outputs: list[list[int]] = [[] for _ in prompts]
+  done = 0
+  for batch, real in _batches(order, settings.batch_size):
+    generated = decode.generate(loaded.model, loaded.params, [prompts[i] for i in batch], sampling,
+                                eos_ids=eos_ids, mesh=loaded.mesh, rules=loaded.rules,
+                                bucket=settings.length_bucket)
+    for i, ids in zip(batch[:real], generated):
+      outputs[i] = ids
+    done += real
+    logging.info("%s: generated %d/%d", task, done, len(prompts))
+  return outputs
+
+
+def _score_options(loaded: loading.LoadedModel, prompts: Sequence[list[int]],
+                   options: Sequence[Sequence[list[int]]], settings: EvalSettings,
+                   task: str) -> list[list[float]]:
+  """Per example, the log-likelihood of each option's ids after its prompt."""
+  limit = loaded.config.max_position_embeddings
+  pairs = [(fit_prompt(prompt, limit - len(option)), option)
+           for prompt, example_options in zip(prompts, options) for option in example_options]
+  order = _longest_first([len(p) + len(c) for p, c in pairs])
+  scores = [0.0] * len(pairs)
+  for batch, real in _batches(order, settings.batch_size):
+    results = decode.score(loaded.model, loaded.params, [pairs[i] for i in batch],
+                           mesh=loaded.mesh, rules=loaded.rules, bucket=settings.length_bucket)
+    for i, (loglikelihood, _) in zip(batch[:real], results):
+      scores[i] = loglikelihood
+  logging.info("%s: scored %d options", task, len(pairs))
+  bounds = np.cumsum([0, *(len(o) for o in options)])
+  return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _text(value: bytes | str) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def run_task(loaded: loading.LoadedModel, name: str, settings: EvalSettings) -> TaskResult:
+  """Generates for (and, for multiple choice, scores the options of) every test example of Task
+  ``name``, and applies its metric functions."""
+  task = seqio.get_mixture_or_task(name)
+  rows = list(task.get_dataset(sequence_length=None, split=SPLIT, shuffle=False)
+              .as_numpy_iterator())
+  if not rows:
+    raise ValueError(f"task {name}: the {SPLIT} split is empty")
+  vocabulary = task.output_features["inputs"].vocabulary
+  max_prompt = loaded.config.max_position_embeddings - settings.max_new_tokens
+  if max_prompt < 2:
+    raise ValueError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in "
+                     f"{loaded.config.max_position_embeddings} positions")
+  prompts = [fit_prompt(row["inputs"].tolist(), max_prompt) for row in rows]
+  truncated = sum(len(p) < len(row["inputs"]) for p, row in zip(prompts, rows))
+  if truncated:
+    logging.warning("%s: %d of %d prompts cut from the left to %d tokens", name, truncated,
+                    len(rows), max_prompt)
+  eos_ids = tuple(loaded.config.eos_token_ids) or (vocabulary.eos_id,)
+  generated = _generate(loaded, prompts, settings, eos_ids, name)
+  texts = [cut_at_stop(vocabulary.decode(ids), settings.stop_sequences) for ids in generated]
+  targets = [task.postprocess_fn(row["targets_pretokenized"], example=row, is_target=True)
+             for row in rows]
+  predictions = [task.postprocess_fn(text, example=row, is_target=False)
+                 for text, row in zip(texts, rows)]
+  metrics: dict[str, Any] = {}
+  for metric_fn in task.predict_metric_fns:
+    metrics.update(metric_fn(targets, predictions))
+  records = [{"index": int(row["index"]), "prediction": text,
+              "target": _text(row["targets_pretokenized"])} for row, text in zip(rows, texts)]
+  if settings.score_options and task.score_metric_fns and "options" in rows[0]:
+    options = [[vocabulary.encode(_text(o)) for o in row["options"]] for row in rows]
+    option_scores = _score_options(loaded, [row["inputs"].tolist() for row in rows], options,
+                                   settings, name)
+    for metric_fn in task.score_metric_fns:
+      metrics.update(metric_fn(targets, option_scores))
+    for record, scores in zip(records, option_scores):
+      record["option_loglikelihoods"] = scores
+  logging.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                         if isinstance(v, float)))
+  return TaskResult(name, metrics, records, truncated)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output.
+
+
+def _task_record(result: TaskResult) -> dict[str, Any]:
+  info = mibe.TASKS.get(result.task)
+  construction = {} if info is None else {
+      "dataset": info.dataset, "num_shots": info.num_shots, "prompt_variant": info.prompt_variant,
+      "fewshot_seed": info.fewshot_seed, "data_dir": info.dataset_dir}
+  return {**construction, "num_examples": len(result.predictions),
+          "truncated_prompts": result.truncated_prompts, "metrics": result.metrics}
+
+
+def markdown_table(results: Sequence[TaskResult]) -> str:
+  """The paper's Table 3 layout: a row per task and scoring (the ``release``/``fixed``/
+  ``loglikelihood`` prefix of the metric keys), a column per metric (first-seen order); blank where
+  a row has no such metric, "n/a" where it was not computed (BERTScore without an encoder)."""
+  rows: dict[tuple[str, str], dict[str, Any]] = {}
+  for r in results:
+    for key, value in r.metrics.items():
+      scoring, _, metric = key.rpartition("/")
+      rows.setdefault((r.task, scoring), {})[metric] = value
+  columns = list(dict.fromkeys(metric for values in rows.values() for metric in values))
+
+  def cell(values: Mapping[str, Any], metric: str) -> str:
+    if metric not in values:
+      return ""
+    return "n/a" if values[metric] is None else f"{values[metric]:.4f}"
+
+  lines = ["| task | scoring | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+  lines += [f"| {task} | {scoring} | " + " | ".join(cell(values, m) for m in columns) + " |"
+            for (task, scoring), values in rows.items()]
+  return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str, model_dir: str, results: Sequence[TaskResult],
+                  settings: EvalSettings, write_predictions: bool, step: int) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  summary = {
+      "model": model_dir, "split": SPLIT, "decoding": "greedy",
+      "max_new_tokens": settings.max_new_tokens, "stop_sequences": list(settings.stop_sequences),
+      "batch_size": settings.batch_size, "score_options": settings.score_options,
+      "task_names": [r.task for r in results],
+      "tasks": {r.task: _task_record(r) for r in results},
+  }
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(f"Model: `{model_dir}`\n\n{markdown_table(results)}")
+  writer = metric_writers.create_default_writer(os.path.join(out_dir, "tensorboard"),
+                                                asynchronous=False)
+  writer.write_scalars(step, {f"{r.task}/{key}": value for r in results
+                              for key, value in r.metrics.items() if value is not None})
+  writer.close()
+  if write_predictions:
+    os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
+    for r in results:
+      with open(os.path.join(out_dir, "predictions", f"{r.task}.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in r.predictions)
+
+
+@gin.configurable
+def evaluate(model_dir: str = gin.REQUIRED, task_names: Sequence[str] = gin.REQUIRED,
+             out_dir: str = gin.REQUIRED, max_new_tokens: int = 256, batch_size: int = 8,
+             stop_sequences: Sequence[str] = (), score_options: bool = True,
+             write_predictions: bool = False, mesh: str = "data=1,fsdp=-1,tensor=1",
+             dtype: str = "float32", step: int = 0) -> dict[str, dict[str, Any]]:
+  """Evaluates the model folder ``model_dir`` (Orbax or HF) on registered Tasks; returns task →
+  metrics. ``mesh``: axis sizes as ``medllama-generate --mesh`` takes them; ``step``: the
+  TensorBoard step the scalars are written at (e.g. the checkpoint's training step)."""
+  settings = EvalSettings(max_new_tokens, batch_size, tuple(stop_sequences), score_options)
+  device_mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh))
+  loaded = loading.load_model(model_dir, device_mesh, dtype=dtype, param_dtype=dtype)
+  results = [run_task(loaded, name, settings) for name in task_names]
+  if jax.process_index() == 0:
+    write_results(out_dir, model_dir, results, settings, write_predictions, step)
+  logging.info("results: %s", os.path.join(out_dir, "results.json"))
+  return {r.task: r.metrics for r in results}
