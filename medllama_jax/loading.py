@@ -1,21 +1,29 @@
-"""Load a model folder (ours, or a Hugging Face one) straight onto a mesh.
+"""Load a model folder (ours, or a Hugging Face one) straight onto a mesh, and write model folders.
 
 Generation, evaluation and training all start here. A folder with ``params/`` is an Orbax model folder
 written by ``medllama-convert``; a folder with safetensors or ``.bin`` weights is read as HF, tensor by
 tensor, each tensor placed directly onto its target sharding.
+
+LoRA adapters are a folder of their own (``params/`` with the adapters alone and ``lora_config.json``,
+which names the base model folder): ``load_model(base, adapters=DIR)`` runs them unmerged, and
+``merge_lora`` writes the merged model folder that the HF exporter reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from medllama_jax import checkpointing, partitioning
+from medllama_jax import checkpointing, lora, partitioning, tokenizer as tokenizer_lib
 from medllama_jax.config import LlamaConfig
 from medllama_jax.convert import hf
 from medllama_jax.convert.sources import open_hf_weights
@@ -38,24 +46,90 @@ def is_orbax_model_dir(model_dir: str) -> bool:
 
 
 def load_model(model_dir: str, mesh: Mesh, rules: partitioning.LogicalRules | None = None,
-               with_tokenizer: bool = True, **runtime: Any) -> LoadedModel:
+               with_tokenizer: bool = True, adapters: str | None = None, **runtime: Any
+               ) -> LoadedModel:
   """Reads ``config.json``, the weights and the tokenizer of ``model_dir``.
 
   ``runtime`` overrides how the model runs (``dtype``, ``param_dtype``, ``scan_layers``,
-  ``attention_impl``, ``remat_policy``); ``param_dtype`` defaults to the stored dtype.
+  ``attention_impl``, ``remat_policy``); ``param_dtype`` defaults to the stored dtype. ``adapters`` (a
+  LoRA adapter folder trained on this model) adds unmerged adapters: ``model`` then carries the LoRA
+  config and ``params`` both the base and the adapters.
   """
   rules = partitioning.logical_axis_rules() if rules is None else rules
   config = LlamaConfig.load_hf_json(model_dir).replace(**runtime)
-  model = Llama(config)
-  boxed = partitioning.abstract_params(model)
+  model = Llama(config, lora=None if adapters is None else lora.LoraConfig.load_json(adapters))
+  boxed, boxed_adapters = lora.split(partitioning.abstract_params(model))
   abstract, shardings = partitioning.unbox(boxed), partitioning.logical_shardings(boxed, mesh, rules)
   if is_orbax_model_dir(model_dir):
     params = checkpointing.load_params(os.path.join(model_dir, checkpointing.PARAMS_DIR), abstract,
                                        shardings)
   else:
     params = _load_hf_params(model_dir, config, abstract, shardings)
+  if adapters is not None:
+    params = lora.join(params, checkpointing.load_params(
+        os.path.join(adapters, checkpointing.PARAMS_DIR), partitioning.unbox(boxed_adapters),
+        partitioning.logical_shardings(boxed_adapters, mesh, rules)))
   tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
   return LoadedModel(config, model, params, tokenizer, mesh, rules)
+
+
+def _write_folder(directory: str, params: Any, write_files: Callable[[str], None]) -> str:
+  """``params/`` plus what ``write_files`` puts beside it, written under ``directory.tmp`` and renamed
+  into place (replacing any earlier folder) once complete. Every host calls this together."""
+  staging = directory + ".tmp"
+  if jax.process_index() == 0 and os.path.exists(staging):
+    shutil.rmtree(staging)
+  multihost_utils.sync_global_devices("folder staging")
+  checkpointing.save_params(os.path.join(staging, checkpointing.PARAMS_DIR), params)
+  if jax.process_index() == 0:
+    write_files(staging)
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.replace(staging, directory)
+  multihost_utils.sync_global_devices("folder written")
+  return directory
+
+
+def save_model(directory: str, params: Any, config: LlamaConfig, tokenizer_dir: str | None) -> str:
+  """A model folder: ``params/`` + ``config.json`` (+ the tokenizer files of ``tokenizer_dir``), what
+  the converters, generation and ``load_model`` read."""
+
+  def write_files(staging: str) -> None:
+    config.save_hf_json(staging)
+    if tokenizer_dir:
+      tokenizer_lib.copy_tokenizer_files(tokenizer_dir, staging)
+
+  return _write_folder(directory, params, write_files)
+
+
+def save_adapters(directory: str, adapters: Any, config: lora.LoraConfig,
+                  base_model: str | None) -> str:
+  """An adapter folder: ``params/`` (the adapters alone) + ``lora_config.json`` naming ``base_model``."""
+  if base_model is not None and "://" not in base_model:
+    base_model = os.path.abspath(base_model)
+  return _write_folder(directory, adapters, lambda staging: config.save_json(staging, base_model))
+
+
+def merge_lora(base_dir: str | None, adapters_dir: str, out_dir: str, mesh: Mesh,
+               param_dtype: str | None = None) -> str:
+  """Writes the model folder of ``base + scale * A @ B`` (``out_dir`` must not exist).
+
+  ``base_dir`` defaults to the base model the adapters record; ``param_dtype`` (default: the base's
+  stored dtype) is the dtype the base is read in and the merged weights written in.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    raise FileExistsError(f"{out_dir}: already exists; choose a new output folder or delete it")
+  base_dir = base_dir or lora.recorded_base_model(adapters_dir)
+  if base_dir is None:
+    raise ValueError(f"{adapters_dir}: records no base model; name one")
+  runtime = {} if param_dtype is None else {"param_dtype": param_dtype}
+  loaded = load_model(base_dir, mesh, with_tokenizer=False, adapters=adapters_dir, **runtime)
+  base, adapters = lora.split(loaded.params)
+  merged = lora.merge_sharded(base, adapters, loaded.model.lora)
+  save_model(out_dir, merged, loaded.config, base_dir)
+  logging.info("merged %s into %s: %s", adapters_dir, base_dir, out_dir)
+  return out_dir
 
 
 def _load_hf_params(model_dir: str, config: LlamaConfig, abstract: Any, shardings: Any) -> Any:

@@ -7,6 +7,9 @@ rotate-half rotary layout, so importing a HF checkpoint is a rename and a reshap
 The forward pass takes per-token ``positions`` and ``segment_ids``: packed training rows restart both
 per document, and left-padded prompt batches mark padding with segment 0. An optional KV cache (stacked
 over layers) turns the same code into the incremental decoder used by ``decode.py``.
+
+``Llama(config, lora=LoraConfig(...))`` adds LoRA adapters to the targeted projections (see ``lora.py``);
+without ``lora`` the parameters and the computation are exactly the plain model's.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medllama_jax import attention
+from medllama_jax import attention, lora as lora_lib
 from medllama_jax.config import LlamaConfig
+from medllama_jax.lora import LoraConfig
 
 Array = jax.Array
 
@@ -57,6 +61,17 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tup
 def _dense_init(fan_in_dims: tuple[int, ...]):
   """Normal(0, 0.02)-like init scaled by fan-in, so a random model has well-behaved logits."""
   return nn.initializers.normal(stddev=1.0 / math.sqrt(math.prod(fan_in_dims)))
+
+
+def _plus_lora(lora: LoraConfig | None, name: str, y: Array, x: Array, weight: Array,
+               weight_axes: tuple[str, ...]) -> Array:
+  """``y = x W`` plus LoRA's update of the weight ``name`` when it is a target; ``y`` itself otherwise.
+
+  Call it inside the module that owns the weight: the adapter becomes that module's child.
+  """
+  if lora is None or name not in lora.targets:
+    return y
+  return y + lora_lib.adapter(lora, name, weight.shape, weight_axes, y.dtype)(x)
 
 
 def rope_frequencies(config: LlamaConfig) -> Array:
@@ -102,6 +117,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   config: LlamaConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array,
@@ -110,20 +126,21 @@ class Attention(nn.Module):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     d, hd = cfg.hidden_size, cfg.resolved_head_dim
-    wq = _param(self, "q_proj", _dense_init((d,)), (d, cfg.num_heads, hd),
-                ("embed", "heads", "head_dim"), pdtype)
-    wk = _param(self, "k_proj", _dense_init((d,)), (d, cfg.num_kv_heads, hd),
-                ("embed", "kv_heads", "head_dim"), pdtype)
-    wv = _param(self, "v_proj", _dense_init((d,)), (d, cfg.num_kv_heads, hd),
-                ("embed", "kv_heads", "head_dim"), pdtype)
+    q_weight_axes, kv_weight_axes = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+    o_weight_axes = ("heads", "head_dim", "embed")
+    wq = _param(self, "q_proj", _dense_init((d,)), (d, cfg.num_heads, hd), q_weight_axes, pdtype)
+    wk = _param(self, "k_proj", _dense_init((d,)), (d, cfg.num_kv_heads, hd), kv_weight_axes, pdtype)
+    wv = _param(self, "v_proj", _dense_init((d,)), (d, cfg.num_kv_heads, hd), kv_weight_axes, pdtype)
     wo = _param(self, "o_proj", _dense_init((cfg.num_heads, hd)), (cfg.num_heads, hd, d),
-                ("heads", "head_dim", "embed"), pdtype)
+                o_weight_axes, pdtype)
 
     heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
     kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
-    q = nn.with_logical_constraint(jnp.einsum("btd,dnh->btnh", x, wq.astype(dtype)), heads_axes)
-    k = nn.with_logical_constraint(jnp.einsum("btd,dnh->btnh", x, wk.astype(dtype)), kv_axes)
-    v = nn.with_logical_constraint(jnp.einsum("btd,dnh->btnh", x, wv.astype(dtype)), kv_axes)
+    project = lambda name, w, axes: _plus_lora(
+        self.lora, name, jnp.einsum("btd,dnh->btnh", x, w.astype(dtype)), x, w, axes)
+    q = nn.with_logical_constraint(project("q_proj", wq, q_weight_axes), heads_axes)
+    k = nn.with_logical_constraint(project("k_proj", wk, kv_weight_axes), kv_axes)
+    v = nn.with_logical_constraint(project("v_proj", wv, kv_weight_axes), kv_axes)
     inv_freq = rope_frequencies(cfg)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
@@ -136,30 +153,36 @@ class Attention(nn.Module):
 
     out = attention.attend(q, k, v, segment_ids, kv_segment_ids, q_offset, cfg.attention_impl)
     out = nn.with_logical_constraint(out, heads_axes)
-    return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype)), new_cache
+    y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
+    return _plus_lora(self.lora, "o_proj", y, out, wo, o_weight_axes), new_cache
 
 
 class MLP(nn.Module):
   config: LlamaConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     d, f = cfg.hidden_size, cfg.intermediate_size
-    gate = _param(self, "gate_proj", _dense_init((d,)), (d, f), ("embed", "mlp"), pdtype)
-    up = _param(self, "up_proj", _dense_init((d,)), (d, f), ("embed", "mlp"), pdtype)
-    down = _param(self, "down_proj", _dense_init((f,)), (f, d), ("mlp", "embed"), pdtype)
+    up_axes, down_axes = ("embed", "mlp"), ("mlp", "embed")
+    gate = _param(self, "gate_proj", _dense_init((d,)), (d, f), up_axes, pdtype)
+    up = _param(self, "up_proj", _dense_init((d,)), (d, f), up_axes, pdtype)
+    down = _param(self, "down_proj", _dense_init((f,)), (f, d), down_axes, pdtype)
     mlp_axes = ("activation_batch", "activation_length", "activation_mlp")
-    h = nn.silu(nn.with_logical_constraint(x @ gate.astype(dtype), mlp_axes))
-    h = h * nn.with_logical_constraint(x @ up.astype(dtype), mlp_axes)
-    return h @ down.astype(dtype)
+    project = lambda name, inputs, w, axes: _plus_lora(self.lora, name, inputs @ w.astype(dtype),
+                                                       inputs, w, axes)
+    h = nn.silu(nn.with_logical_constraint(project("gate_proj", x, gate, up_axes), mlp_axes))
+    h = h * nn.with_logical_constraint(project("up_proj", x, up, up_axes), mlp_axes)
+    return project("down_proj", h, down, down_axes)
 
 
 class DecoderLayer(nn.Module):
   """Pre-norm attention and SwiGLU MLP with residuals; the body that ``nn.scan`` repeats."""
 
   config: LlamaConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: LayerCache | None,
@@ -168,11 +191,12 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embed_axes = ("activation_batch", "activation_length", "activation_embed")
-    h, new_cache = Attention(cfg, name="self_attn")(
+    h, new_cache = Attention(cfg, self.lora, name="self_attn")(
         RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_layernorm")(x),
         positions, segment_ids, cache, cache_segment_ids, cache_index)
     x = nn.with_logical_constraint(x + h, embed_axes)
-    h = MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_layernorm")(x))
+    h = MLP(cfg, self.lora, name="mlp")(
+        RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_layernorm")(x))
     x = nn.with_logical_constraint(x + h, embed_axes)
     return x, new_cache
 
@@ -193,9 +217,14 @@ def _layer_class(config: LlamaConfig) -> type[nn.Module]:
 
 
 class Llama(nn.Module):
-  """``tokens [b, t] -> logits [b, t, vocab]`` (float32), plus the updated cache when one is given."""
+  """``tokens [b, t] -> logits [b, t, vocab]`` (float32), plus the updated cache when one is given.
+
+  With ``lora``, the targeted projections carry unmerged adapters; their dropout is active only when
+  ``apply`` gets a ``dropout`` rng (the train step passes one), so evaluation is deterministic.
+  """
 
   config: LlamaConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
@@ -231,19 +260,19 @@ class Llama(nn.Module):
       scanned = nn.scan(
           layer_cls,
           variable_axes={"params": 0},
-          split_rngs={"params": True},
+          split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, new_layer_caches = scanned(cfg, name="layers")(
+      x, new_layer_caches = scanned(cfg, self.lora, name="layers")(
           x, positions, segment_ids, layer_caches, cache_segment_ids, cache_index)
     else:
       per_layer = []
       for i in range(cfg.num_layers):
         layer_cache = None if layer_caches is None else LayerCache(layer_caches.key[i],
                                                                    layer_caches.value[i])
-        x, c = layer_cls(cfg, name=f"layers_{i}")(
+        x, c = layer_cls(cfg, self.lora, name=f"layers_{i}")(
             x, positions, segment_ids, layer_cache, cache_segment_ids, cache_index)
         per_layer.append(c)
       new_layer_caches = None if cache is None else LayerCache(

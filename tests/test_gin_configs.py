@@ -142,6 +142,10 @@ def test_instruct_recipe_builds_model_mesh_optimizer_and_mixture(path, instruct_
   train = gin.get_bindings("medllama_jax.train.loop.train")
   _, schedule = optim.make_optimizer(total_steps=train["total_steps"])
   demo_recipe = "demo" in path.stem
+  from medllama_jax import lora
+  adapters = gin.query_parameter("medllama_jax.train.loop.train.lora").scoped_configurable_fn()
+  assert isinstance(adapters, lora.LoraConfig)
+  assert (adapters.rank, adapters.alpha) == ((8, 16.0) if demo_recipe else (16, 32.0))
   warmup, peak = (0.1, 1e-3) if demo_recipe else (0.03, 1e-5)
   np.testing.assert_allclose(float(schedule(round(warmup * train["total_steps"]))), peak, rtol=1e-6)
   if demo_recipe:

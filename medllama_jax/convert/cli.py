@@ -3,6 +3,10 @@
   medllama-convert hf-to-orbax   --hf_dir DIR   --out DIR [--dtype bfloat16]
   medllama-convert meta-to-orbax --meta_dir DIR --out DIR [--dtype bfloat16] [--tokenizer_dir DIR]
   medllama-convert orbax-to-hf   --ckpt DIR     --out DIR [--dtype bfloat16] [--max_shard_size 5GB]
+  medllama-convert merge-lora    --adapters DIR --out DIR [--base DIR] [--dtype bfloat16]
+
+merge-lora writes the model folder of a base model with LoRA adapters merged in (the base defaults to
+the one the adapter folder records); orbax-to-hf exports it like any other.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 
-from medllama_jax import logs
+from medllama_jax import loading, logs, partitioning
 from medllama_jax.convert import hf, meta
 from medllama_jax.convert.sources import ConversionError
 
@@ -42,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
   to_hf = commands.add_parser("orbax-to-hf", help="model folder → HF folder for transformers")
   to_hf.add_argument("--ckpt", required=True)
   to_hf.add_argument("--max_shard_size", type=parse_size, default=parse_size("5GB"))
-  for command in (to_orbax, from_meta, to_hf):
+  merge = commands.add_parser("merge-lora", help="base model folder + LoRA adapters → model folder")
+  merge.add_argument("--adapters", required=True, help="adapter folder (e.g. RUN_DIR/adapters)")
+  merge.add_argument("--base", default=None,
+                     help="base model folder (default: the one recorded in the adapter folder)")
+  for command in (to_orbax, from_meta, to_hf, merge):
     command.add_argument("--out", required=True, help="new output folder (must not exist)")
     command.add_argument("--dtype", choices=_DTYPES, default="auto",
                          help="stored dtype of the output (auto: as in the input)")
@@ -57,8 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       hf.hf_to_orbax(args.hf_dir, args.out, args.dtype)
     elif args.command == "meta-to-orbax":
       meta.meta_to_orbax(args.meta_dir, args.out, args.dtype, args.tokenizer_dir)
-    else:
+    elif args.command == "orbax-to-hf":
       hf.orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
+    else:
+      loading.merge_lora(args.base, args.adapters, args.out, partitioning.make_mesh(),
+                         None if args.dtype == "auto" else args.dtype)
   except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"medllama-convert: error: {e}", file=sys.stderr)
     return 1

@@ -17,6 +17,10 @@ streams batches of a seqio task or mixture, and runs the sharded train step unti
 * At the end the parameters are written as a model folder (``run_dir/final_model``: Orbax ``params/``,
   ``config.json``, tokenizer files) that ``medllama-convert orbax-to-hf`` exports and
   ``medllama-generate`` loads.
+* LoRA (``train.lora = @LoraConfig()``) trains adapters of the frozen ``init_checkpoint``: the run's
+  checkpoints hold the adapters, their optimizer state, the step and the data position, and the base
+  is read from ``init_checkpoint`` again at every start. The run ends with the adapter folder
+  (``run_dir/adapters``, see ``loading.save_adapters``) and ``final_model`` with the adapters merged.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -39,9 +42,10 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from medllama_jax import checkpointing, loading, partitioning, tokenizer
+from medllama_jax import loading, lora as lora_lib, partitioning
 from medllama_jax.config import RUNTIME_FIELDS, LlamaConfig, model_config
 from medllama_jax.data import pipeline
+from medllama_jax.lora import LoraConfig
 from medllama_jax.model import Llama
 from medllama_jax.train import checkpoints, optimizer as optim, step as train_step, throughput
 
@@ -58,6 +62,7 @@ class TrainResult:
   final_model_dir: str | None
   stopped_by_signal: bool
   last_metrics: dict[str, float]
+  adapters_dir: str | None = None
 
 
 class _SigtermFlag:
@@ -115,25 +120,6 @@ def _initial_params(model: Llama, init_checkpoint: str | None, mesh, rules, seed
     raise ValueError(f"{init_checkpoint}/config.json does not match the model config ({details})")
   logging.info("parameters from %s (fresh optimizer)", init_checkpoint)
   return loaded.params
-
-
-def _write_model_folder(directory: str, params: Any, config: LlamaConfig,
-                        tokenizer_dir: str | None) -> str:
-  """``params/`` + ``config.json`` (+ tokenizer files): what the converters and generation read."""
-  staging = directory + ".tmp"
-  if jax.process_index() == 0 and os.path.exists(staging):
-    shutil.rmtree(staging)
-  multihost_utils.sync_global_devices("model folder staging")
-  checkpointing.save_params(os.path.join(staging, checkpointing.PARAMS_DIR), params)
-  if jax.process_index() == 0:
-    config.save_hf_json(staging)
-    if tokenizer_dir:
-      tokenizer.copy_tokenizer_files(tokenizer_dir, staging)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(staging, directory)
-  multihost_utils.sync_global_devices("model folder written")
-  return directory
 
 
 class _MetricsLog:
@@ -203,23 +189,26 @@ class _MetricsLog:
       self._jsonl.close()
 
 
-def _make_eval_fn(model: Llama, state_shardings, mesh, rules):
-  """A jit'd ``(params, batch) -> (loss sum, weight sum)`` on the training shardings."""
+def _make_eval_fn(model: Llama, state_shardings, mesh, rules, frozen: Any | None):
+  """A jit'd ``(params, batch) -> (loss sum, weight sum)`` on the training shardings (``frozen``: the
+  LoRA base, ``params`` being the adapters)."""
+  frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
 
-  def eval_step(params, batch):
+  def eval_step(params, frozen, batch):
     with nn.logical_axis_rules(rules):
-      logits, _ = model.apply({"params": params}, batch["decoder_input_tokens"],
-                              batch["decoder_positions"], batch["decoder_segment_ids"])
+      logits, _ = model.apply({"params": train_step.model_params(params, frozen)},
+                              batch["decoder_input_tokens"], batch["decoder_positions"],
+                              batch["decoder_segment_ids"])
     sums = train_step.token_losses(logits, batch["decoder_target_tokens"],
                                    batch["decoder_loss_weights"])
     return sums["loss_sum"], sums["weight_sum"]
 
-  jitted = jax.jit(eval_step, in_shardings=(state_shardings.params,
+  jitted = jax.jit(eval_step, in_shardings=(state_shardings.params, frozen_shardings,
                                             train_step.batch_shardings(mesh, rules)))
 
   def run(params, batch):
     with partitioning.activate(mesh, rules):
-      return jitted(params, batch)
+      return jitted(params, frozen, batch)
 
   return run
 
@@ -242,7 +231,8 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
           save_every: int = 1000, keep_checkpoints: int = 3, async_checkpoints: bool = True,
           log_every: int = 10, eval_every: int = 0, eval_batches: int = 10,
           eval_split: str = "validation", on_non_finite: str = "stop",
-          max_consecutive_skips: int = 20, z_loss: float = 0.0) -> TrainResult:
+          max_consecutive_skips: int = 20, z_loss: float = 0.0,
+          lora: LoraConfig | None = None) -> TrainResult:
   """Trains the gin-configured model on ``mixture`` (a registered seqio task or mixture name).
 
   ``global_batch_size`` rows of ``sequence_length`` tokens per step, accumulated over
@@ -250,17 +240,20 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
   non-finite steps in a row stop the run all the same. ``tokenizer_dir`` (default: ``init_checkpoint``) supplies the tokenizer
   files copied into the final model folder. The gin bindings in force are written to
   ``run_dir/config.gin`` at the start, the operative ones (every value actually used) to
-  ``run_dir/operative_config.gin`` after the first step.
+  ``run_dir/operative_config.gin`` after the first step. ``lora`` trains LoRA adapters of
+  ``init_checkpoint`` (then required) instead of the whole model.
   """
   if on_non_finite not in NON_FINITE_POLICIES:
     raise ValueError(f"on_non_finite={on_non_finite!r} is not one of {NON_FINITE_POLICIES}")
+  if lora is not None and init_checkpoint is None:
+    raise ValueError("LoRA training needs init_checkpoint: the base model the adapters adapt")
   os.makedirs(run_dir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(run_dir, "config.gin"), "w") as f:
       f.write(gin.config_str())
   mesh, rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
   config = model_config()
-  model = Llama(config)
+  model = Llama(config, lora=lora)
   tx, schedule = optim.make_optimizer(total_steps=total_steps)
   state_shardings = train_step.train_state_shardings(model, tx, mesh, rules)
   abstract_state = jax.tree.map(
@@ -270,18 +263,25 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
                                      seed=seed)
   ckpts = checkpoints.RunCheckpoints(os.path.join(run_dir, "checkpoints"), save_every,
                                      keep_checkpoints, async_checkpoints)
+  # The frozen LoRA base is never part of a run checkpoint: every start reads it again.
+  frozen = None if lora is None else _initial_params(Llama(config), init_checkpoint, mesh, rules,
+                                                      seed)
   latest = ckpts.latest_step()
   if latest is not None:
     state, meta = ckpts.restore(latest, abstract_state, data)
     skipped = int(meta.get("skipped_steps", 0))
     logging.info("resuming at step %d", latest)
   else:
-    params = _initial_params(model, init_checkpoint, mesh, rules, seed)
+    if lora is None:
+      params = _initial_params(model, init_checkpoint, mesh, rules, seed)
+    else:
+      params = lora_lib.init_adapters(model, mesh, rules, jax.random.key(seed))
     state = train_step.init_train_state(params, tx, state_shardings)
     skipped = 0
   step_fn = train_step.jit_train_step(
-      train_step.make_train_step(model, tx, num_microbatches, z_loss), state_shardings, mesh, rules)
-  eval_fn = _make_eval_fn(model, state_shardings, mesh, rules) if eval_every else None
+      train_step.make_train_step(model, tx, num_microbatches, z_loss, dropout_seed=seed),
+      state_shardings, mesh, rules, frozen)
+  eval_fn = _make_eval_fn(model, state_shardings, mesh, rules, frozen) if eval_every else None
   log = _MetricsLog(run_dir, config, sequence_length, total_steps, schedule, mesh.devices.size)
   batch_tokens = global_batch_size * sequence_length
   step = int(state.step)
@@ -334,11 +334,17 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
   finally:
     ckpts.close()
     log.close()
-  final_dir = None
+  final_dir = adapters_dir = None
   if step == total_steps:
-    final_dir = _write_model_folder(os.path.join(run_dir, "final_model"), state.params,
-                                    _export_config(config, init_checkpoint),
-                                    tokenizer_dir or init_checkpoint)
+    final_params = state.params
+    if lora is not None:
+      adapters_dir = loading.save_adapters(os.path.join(run_dir, "adapters"), state.params, lora,
+                                           init_checkpoint)
+      logging.info("adapter folder: %s", adapters_dir)
+      final_params = lora_lib.merge_sharded(frozen, state.params, lora)
+    final_dir = loading.save_model(os.path.join(run_dir, "final_model"), final_params,
+                                   _export_config(config, init_checkpoint),
+                                   tokenizer_dir or init_checkpoint)
     logging.info("final model folder: %s", final_dir)
   return TrainResult(step=step, final_model_dir=final_dir, stopped_by_signal=stopped_by_signal,
-                     last_metrics=last)
+                     last_metrics=last, adapters_dir=adapters_dir)

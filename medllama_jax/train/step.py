@@ -8,6 +8,11 @@ Gradient accumulation scans over microbatches inside one step and normalises by 
 whole global batch, so accumulating ``k`` microbatches gives the same update as one batch ``k`` times as
 large. A step whose loss or gradient is not finite leaves the state unchanged and says so in its metrics;
 the training loop decides whether to stop or carry on.
+
+With LoRA (``model.lora`` set) the state's parameters are the adapters alone: the frozen base is an
+argument of the step, so it is in neither the gradients nor the optimizer state, and optimizer memory is
+the adapters'. Adapter dropout draws its masks from ``(dropout_seed, step, microbatch)``: nothing more
+to checkpoint, and a resumed run draws exactly the masks an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from medllama_jax import partitioning
+from medllama_jax import lora, partitioning
 from medllama_jax.model import Llama
 
 Batch = dict[str, jax.Array]
@@ -32,6 +37,8 @@ BATCH_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_wei
 
 @flax.struct.dataclass
 class TrainState:
+  """``params`` are the trained parameters: the whole model's, or with LoRA the adapters'."""
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -63,29 +70,45 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
   return {k: split(v) for k, v in batch.items()}
 
 
-def make_train_step(model: Llama, optimizer: optax.GradientTransformation, num_microbatches: int = 1,
-                    z_loss: float = 0.0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """``(state, batch) -> (state, metrics)``, to be jit'd by ``jit_train_step``."""
+def model_params(params: Any, frozen: Any | None) -> Any:
+  """The tree the model applies: ``params`` alone, or the frozen base joined with LoRA adapters."""
+  return params if frozen is None else lora.join(frozen, params)
 
-  def loss_fn(params, micro: Batch):
-    logits, _ = model.apply({"params": params}, micro["decoder_input_tokens"],
-                            micro["decoder_positions"], micro["decoder_segment_ids"])
+
+def make_train_step(model: Llama, optimizer: optax.GradientTransformation, num_microbatches: int = 1,
+                    z_loss: float = 0.0, dropout_seed: int = 0
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """``(state, batch, frozen=None) -> (state, metrics)``, to be jit'd by ``jit_train_step``.
+
+  ``frozen`` is the base parameter tree of a LoRA model (``state.params`` being its adapters): a
+  constant of the loss, never differentiated or updated.
+  """
+  dropout = model.lora is not None and model.lora.dropout > 0
+
+  def loss_fn(params, frozen, micro: Batch, rng: jax.Array):
+    logits, _ = model.apply({"params": model_params(params, frozen)}, micro["decoder_input_tokens"],
+                            micro["decoder_positions"], micro["decoder_segment_ids"],
+                            rngs={"dropout": rng} if dropout else None)
     sums = token_losses(logits, micro["decoder_target_tokens"], micro["decoder_loss_weights"], z_loss)
     return sums["loss_sum"] + sums["z_loss_sum"], sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: Batch, frozen: Any | None = None
+                 ) -> tuple[TrainState, dict]:
     micro = _split_microbatches(batch, num_microbatches)
+    step_rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
-    def accumulate(carry, mb):
+    def accumulate(carry, xs):
+      mb, index = xs
       grads, sums = carry
-      g, s = grad_fn(state.params, mb)
+      g, s = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_rng, index))
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     zero_sums = dict.fromkeys(("loss_sum", "z_loss_sum", "weight_sum", "correct_sum"), jnp.float32(0))
-    (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), micro)
+    (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums),
+                                    (micro, jnp.arange(num_microbatches)))
     denominator = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
     grad_norm = optax.global_norm(grads)
@@ -106,10 +129,15 @@ def make_train_step(model: Llama, optimizer: optax.GradientTransformation, num_m
 
 
 def abstract_train_state(model: Llama, optimizer: optax.GradientTransformation) -> TrainState:
-  """The train state as boxed ``ShapeDtypeStruct``s: optimizer moments inherit the params' axis names."""
+  """The train state as boxed ``ShapeDtypeStruct``s: optimizer moments inherit the params' axis names.
+
+  For a LoRA model, the parameters (and moments) are the adapters alone.
+  """
 
   def init():
     params = model.init(jax.random.key(0), jnp.ones((1, 1), jnp.int32))["params"]
+    if model.lora is not None:
+      params = lora.split(params)[1]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
   return jax.eval_shape(init)
@@ -136,19 +164,25 @@ def batch_shardings(mesh: Mesh, rules: partitioning.LogicalRules) -> dict[str, N
 
 
 def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh,
-                   rules: partitioning.LogicalRules) -> Callable[[TrainState, Batch], tuple]:
-  """The train step with explicit in/out shardings; the old state's buffers are donated."""
+                   rules: partitioning.LogicalRules, frozen: Any | None = None
+                   ) -> Callable[[TrainState, Batch], tuple]:
+  """The train step with explicit in/out shardings; the old state's buffers are donated.
+
+  ``frozen`` (the LoRA base, already sharded) is passed to every step as it is, never donated.
+  """
   replicated = NamedSharding(mesh, PartitionSpec())
+  frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
 
-  def step(state, batch):
+  def step(state, batch, frozen):
     with nn.logical_axis_rules(rules):
-      return step_fn(state, batch)
+      return step_fn(state, batch, frozen)
 
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh, rules)),
+  jitted = jax.jit(step,
+                   in_shardings=(state_shardings, batch_shardings(mesh, rules), frozen_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
   def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     with partitioning.activate(mesh, rules):
-      return jitted(state, batch)
+      return jitted(state, batch, frozen)
 
   return run
