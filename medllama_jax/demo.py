@@ -12,9 +12,13 @@ printed with where it wrote:
   4. continue its pre-training with ``medllama-train`` on the 15 : 1 : 4 seqio mixture
      (``gin/demo/pretrain_demo.gin``), kill the run with SIGKILL after a checkpoint, and resume it with
      the same command to the end;
-  5. ``orbax-to-hf``: export the trained model to a Hugging Face folder, check that ``transformers``
+  5. instruction-tune the result with LoRA on the shipped instruction sample
+     (``gin/demo/instruct_demo.gin``: response-only loss, the documented chat template), which ends
+     with the adapters and a merged model folder;
+  6. ``orbax-to-hf``: export the tuned model to a Hugging Face folder, check that ``transformers``
      loads it and computes the same logits (when transformers is installed), and re-import it bit for bit;
-  6. generate from medical prompts with the KV-cache decoder on the same mesh.
+  7. generate with the KV-cache decoder on the same mesh: the pre-trained model continues medical
+     text, the tuned one answers questions through the chat template.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from medllama_jax import checkpointing, decode, loading, logs, partitioning, tokenizer  # noqa: E402
+from medllama_jax import (chat, checkpointing, decode, generate_cli, loading, logs,  # noqa: E402
+                          partitioning, tokenizer)
 from medllama_jax.config import LlamaConfig, model_config  # noqa: E402
 from medllama_jax.convert import hf  # noqa: E402
 from medllama_jax.data import records  # noqa: E402
@@ -46,6 +51,8 @@ from medllama_jax.model import Llama  # noqa: E402
 
 DEMO_PROMPTS = ("The patient presented with", "Metformin is a first-line treatment for")
 DEMO_GIN = "demo/pretrain_demo.gin"
+INSTRUCT_GIN = "demo/instruct_demo.gin"
+CHAT_PROMPTS = ("What is metformin used for?",)
 KILL_AFTER_STEP = 20
 
 # Corpus folder (a task of the pre-training mixture) → (preparer format, shipped sample).
@@ -112,11 +119,11 @@ def complete_checkpoints(run_dir: str) -> list[int]:
                 if os.path.basename(p).isdigit())
 
 
-def run_training(run_dir: str, data_dir: str, init_dir: str, kill_after: int | None) -> int:
-  """``medllama-train`` on the demo recipe; with ``kill_after``, SIGKILL once that step is saved."""
-  command = [sys.executable, "-m", "medllama_jax.train.cli", f"--gin_file={DEMO_GIN}",
-             f"--gin.RUN_DIR='{run_dir}'", f"--gin.DATA_DIR='{data_dir}'",
-             f"--gin.INIT_CHECKPOINT='{init_dir}'"]
+def run_training(gin_file: str, run_dir: str, macros: dict[str, str],
+                 kill_after: int | None = None) -> int:
+  """``medllama-train`` on a demo recipe; with ``kill_after``, SIGKILL once that step is saved."""
+  command = [sys.executable, "-m", "medllama_jax.train.cli", f"--gin_file={gin_file}",
+             f"--gin.RUN_DIR='{run_dir}'", *(f"--gin.{k}='{v}'" for k, v in macros.items())]
   with open(os.path.join(os.path.dirname(run_dir), "train.log"), "a") as log:
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     while kill_after is not None and process.poll() is None:
@@ -168,43 +175,55 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"devices: {jax.device_count()} × {jax.devices()[0].platform}, mesh {dict(mesh.shape)}")
 
   tok_dir = train_tokenizer(os.path.join(out, "tokenizer"), config.vocab_size)
-  print(f"[1/6] SentencePiece tokenizer ({config.vocab_size} pieces): {tok_dir}")
+  print(f"[1/7] SentencePiece tokenizer ({config.vocab_size} pieces): {tok_dir}")
 
   data_dir = os.path.join(out, "data")
   summaries = prepare_corpora(data_dir)
   counts = ", ".join(f"{c} {s['records_written'].get('train', 0)}+"
                      f"{s['records_written'].get('validation', 0)}" for c, s in summaries.items())
-  print(f"[2/6] prepared corpora (train+validation records: {counts}): {data_dir}")
+  print(f"[2/7] prepared corpora (train+validation records: {counts}): {data_dir}")
 
   init_dir = write_init_model(os.path.join(out, "init_model"), config, tok_dir, mesh)
-  print(f"[3/6] starting model folder (random, {config.num_params():,} parameters): {init_dir}")
+  print(f"[3/7] starting model folder (random, {config.num_params():,} parameters): {init_dir}")
 
   run_dir = os.path.join(out, "run")
-  killed = run_training(run_dir, data_dir, init_dir, kill_after=KILL_AFTER_STEP)
+  macros = {"DATA_DIR": data_dir, "INIT_CHECKPOINT": init_dir}
+  killed = run_training(DEMO_GIN, run_dir, macros, kill_after=KILL_AFTER_STEP)
   saved = complete_checkpoints(run_dir)
   print(f"      training killed with SIGKILL (exit {killed}) with checkpoints {saved}; resuming")
-  if run_training(run_dir, data_dir, init_dir, kill_after=None) != 0:
+  if run_training(DEMO_GIN, run_dir, macros) != 0:
     print(f"training failed: see {os.path.join(out, 'train.log')}", file=sys.stderr)
     return 1
-  model_dir = os.path.join(run_dir, "final_model")
-  print(f"[4/6] continual pre-training (log {os.path.join(out, 'train.log')}, TensorBoard "
-        f"{os.path.join(run_dir, 'tensorboard')}): {model_dir}")
+  pretrained_dir = os.path.join(run_dir, "final_model")
+  print(f"[4/7] continual pre-training (log {os.path.join(out, 'train.log')}, TensorBoard "
+        f"{os.path.join(run_dir, 'tensorboard')}): {pretrained_dir}")
+
+  chat_run = os.path.join(out, "instruct_run")
+  if run_training(INSTRUCT_GIN, chat_run, {"INIT_CHECKPOINT": pretrained_dir}) != 0:
+    print(f"instruction tuning failed: see {os.path.join(out, 'train.log')}", file=sys.stderr)
+    return 1
+  chat_dir = os.path.join(chat_run, "final_model")
+  print(f"[5/7] LoRA instruction tuning (adapters {os.path.join(chat_run, 'adapters')}), "
+        f"merged: {chat_dir}")
 
   hf_dir = os.path.join(out, "hf_export")
-  check = export_and_check(model_dir, hf_dir, os.path.join(out, "reimported"), mesh)
-  print(f"[5/6] Hugging Face export ({check}): {hf_dir}")
+  check = export_and_check(chat_dir, hf_dir, os.path.join(out, "reimported"), mesh)
+  print(f"[6/7] Hugging Face export ({check}): {hf_dir}")
 
-  loaded = loading.load_model(model_dir, mesh)
-  tok = loaded.tokenizer
+  print("[7/7] greedy generation with the KV cache:")
   sampling = decode.SamplingConfig(max_new_tokens=args.max_new_tokens)
-  outputs = decode.generate(loaded.model, loaded.params, [tok.encode(p) for p in DEMO_PROMPTS],
-                            sampling, eos_ids=(tok.eos_id,), mesh=mesh, rules=loaded.rules)
-  print("[6/6] greedy generation with the KV cache:")
-  for prompt, ids in zip(DEMO_PROMPTS, outputs):
-    print(f"      {prompt!r} → {tok.decode(ids)!r}")
+  for model_dir, prompts, template in ((pretrained_dir, DEMO_PROMPTS, None),
+                                       (chat_dir, CHAT_PROMPTS, chat.DEFAULT_TEMPLATE)):
+    loaded = loading.load_model(model_dir, mesh)
+    tok = loaded.tokenizer
+    ids = [generate_cli.encode_prompt(tok, p, template) for p in prompts]
+    outputs = decode.generate(loaded.model, loaded.params, ids, sampling, eos_ids=(tok.eos_id,),
+                              mesh=mesh, rules=loaded.rules)
+    for prompt, generated in zip(prompts, outputs):
+      print(f"      {'chat ' if template else ''}{prompt!r} → {tok.decode(generated)!r}")
   logging.info("demo finished")
   print(f"\nEverything is under {out}. Try:\n"
-        f"  medllama-generate --model {model_dir} --prompt 'Chest X-ray shows' --json\n"
+        f"  medllama-generate --model {chat_dir} --chat --prompt 'What causes anemia?' --json\n"
         f"  tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
   return 0
 

@@ -36,6 +36,13 @@ def test_demo_trains_resumes_exports_and_reimports(demo_dir):
   losses = [json.loads(line) for line in (demo_dir / "run" / "metrics.jsonl").read_text().splitlines()]
   train = {r["step"]: r["loss"] for r in losses if r["split"] == "train"}
   assert max(train) == 60 and train[60] < train[10] - 1.0  # it learned
+  # LoRA instruction tuning of the pre-trained model: the response loss falls.
+  for sub in ("instruct_run/adapters/lora_config.json", "instruct_run/final_model/params"):
+    assert (demo_dir / sub).exists(), sub
+  tuning = [json.loads(line) for line in
+            (demo_dir / "instruct_run" / "metrics.jsonl").read_text().splitlines()]
+  response_loss = {r["step"]: r["loss"] for r in tuning if r["split"] == "train"}
+  assert max(response_loss) == 40 and response_loss[40] < response_loss[10]
   hf_dir = demo_dir / "hf_export"
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
   tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
