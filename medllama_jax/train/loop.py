@@ -237,8 +237,8 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
 
   ``global_batch_size`` rows of ``sequence_length`` tokens per step, accumulated over
   ``num_microbatches``. With ``on_non_finite="skip"``, more than ``max_consecutive_skips``
-  non-finite steps in a row stop the run all the same. ``tokenizer_dir`` (default: ``init_checkpoint``) supplies the tokenizer
-  files copied into the final model folder. The gin bindings in force are written to
+  non-finite steps in a row stop the run all the same. ``tokenizer_dir`` (default:
+  ``init_checkpoint``) supplies the tokenizer files copied into the final model folder. The gin bindings in force are written to
   ``run_dir/config.gin`` at the start, the operative ones (every value actually used) to
   ``run_dir/operative_config.gin`` after the first step. ``lora`` trains LoRA adapters of
   ``init_checkpoint`` (then required) instead of the whole model.
