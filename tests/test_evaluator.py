@@ -104,3 +104,21 @@ def test_stop_sequences_and_prompt_fitting():
   assert evaluator.cut_at_stop("no stop here", ["###"]) == "no stop here"
   assert evaluator.fit_prompt([1, 5, 6, 7, 8], 3) == [1, 7, 8]
   assert evaluator.fit_prompt([1, 5], 3) == [1, 5]
+
+
+def test_chat_template_wraps_the_task_prompt_as_one_user_turn(model_dir: str):
+  import seqio_tasks.mibe
+  from medllama_jax import chat
+  from medllama_jax.data.instruct import USER, Conversation, Turn
+
+  name, = seqio_tasks.mibe.register_mibe_tasks(str(FIXTURES), model_dir, datasets=["pubmedqa"])
+  task = seqio.get_mixture_or_task(name)
+  row = next(task.get_dataset(None, split="test", shuffle=False).as_numpy_iterator())
+  vocabulary = task.output_features["inputs"].vocabulary
+  assert evaluator.prompt_ids(row, vocabulary, None) == row["inputs"].tolist()
+  text = row["inputs_pretokenized"].decode()
+  wrapped = evaluator.prompt_ids(row, vocabulary, "medllama")
+  assert wrapped == chat.render_prompt(Conversation((Turn(USER, text),)), vocabulary, "medllama")
+  decoded = vocabulary.decode(wrapped)
+  assert decoded.startswith("Human:") and decoded.rstrip().endswith("Assistant:")
+  assert "The answer is:" in decoded

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 import seqio_tasks.mibe
-from medllama_jax import logs, partitioning
+from medllama_jax import chat, logs, partitioning
 from medllama_jax.eval import evaluator
 from medllama_jax.eval.datasets import MIBE_DATASETS
 from medllama_jax.train.cli import parse_gin, split_gin_flags
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write predictions/{task}.jsonl")
   parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--chat_template", choices=sorted(chat.TEMPLATES), default=None,
+                      help="wrap prompts in this chat template (instruction-tuned models)")
+  parser.add_argument("--adapters", default=None, help="LoRA adapter folder, run unmerged")
   return parser
 
 
@@ -83,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   evaluator.evaluate(args.model, names, args.out, max_new_tokens=args.max_new_tokens,
                      batch_size=args.batch_size, stop_sequences=args.stop,
                      score_options=not args.no_option_scoring,
-                     write_predictions=args.write_predictions, mesh=args.mesh, dtype=args.dtype)
+                     write_predictions=args.write_predictions, mesh=args.mesh, dtype=args.dtype,
+                     chat_template=args.chat_template, adapters=args.adapters)
   return 0
 
 

@@ -37,7 +37,8 @@ import seqio
 from absl import logging
 from clu import metric_writers
 
-from medllama_jax import decode, loading, partitioning
+from medllama_jax import chat, decode, loading, partitioning
+from medllama_jax.data.instruct import USER, Conversation, Turn
 from seqio_tasks import mibe
 
 SPLIT = "test"
@@ -52,6 +53,9 @@ class EvalSettings:
   score_options: bool = True
   # Prompts are padded to a multiple of this, so that batches of similar length share a program.
   length_bucket: int = 64
+  # A chat template (medllama_jax.chat) wraps every prompt as one user turn, as instruction tuning
+  # and ``medllama-generate --chat`` do; None gives the task's prompt as it is (base models).
+  chat_template: str | None = None
 
 
 @dataclasses.dataclass
@@ -128,6 +132,15 @@ def _text(value: bytes | str) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+def prompt_ids(row: Mapping[str, Any], vocabulary: seqio.Vocabulary,
+               chat_template: str | None) -> list[int]:
+  """The task's prompt ids, or its prompt text as the one user turn of ``chat_template``."""
+  if chat_template is None:
+    return row["inputs"].tolist()
+  conversation = Conversation((Turn(USER, _text(row["inputs_pretokenized"])),))
+  return chat.render_prompt(conversation, vocabulary, chat_template)
+
+
 def run_task(loaded: loading.LoadedModel, name: str, settings: EvalSettings) -> TaskResult:
   """Generates for (and, for multiple choice, scores the options of) every test example of Task
   ``name``, and applies its metric functions."""
@@ -141,8 +154,9 @@ def run_task(loaded: loading.LoadedModel, name: str, settings: EvalSettings) -> 
   if max_prompt < 2:
     raise ValueError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in "
                      f"{loaded.config.max_position_embeddings} positions")
-  prompts = [fit_prompt(row["inputs"].tolist(), max_prompt) for row in rows]
-  truncated = sum(len(p) < len(row["inputs"]) for p, row in zip(prompts, rows))
+  full_prompts = [prompt_ids(row, vocabulary, settings.chat_template) for row in rows]
+  prompts = [fit_prompt(ids, max_prompt) for ids in full_prompts]
+  truncated = sum(len(p) < len(ids) for p, ids in zip(prompts, full_prompts))
   if truncated:
     logging.warning("%s: %d of %d prompts cut from the left to %d tokens", name, truncated,
                     len(rows), max_prompt)
@@ -160,8 +174,7 @@ def run_task(loaded: loading.LoadedModel, name: str, settings: EvalSettings) -> 
               "target": _text(row["targets_pretokenized"])} for row, text in zip(rows, texts)]
   if settings.score_options and task.score_metric_fns and "options" in rows[0]:
     options = [[vocabulary.encode(_text(o)) for o in row["options"]] for row in rows]
-    option_scores = _score_options(loaded, [row["inputs"].tolist() for row in rows], options,
-                                   settings, name)
+    option_scores = _score_options(loaded, full_prompts, options, settings, name)
     for metric_fn in task.score_metric_fns:
       metrics.update(metric_fn(targets, option_scores))
     for record, scores in zip(records, option_scores):
@@ -237,13 +250,18 @@ def evaluate(model_dir: str = gin.REQUIRED, task_names: Sequence[str] = gin.REQU
              out_dir: str = gin.REQUIRED, max_new_tokens: int = 256, batch_size: int = 8,
              stop_sequences: Sequence[str] = (), score_options: bool = True,
              write_predictions: bool = False, mesh: str = "data=1,fsdp=-1,tensor=1",
-             dtype: str = "float32", step: int = 0) -> dict[str, dict[str, Any]]:
+             dtype: str = "float32", step: int = 0, chat_template: str | None = None,
+             adapters: str | None = None) -> dict[str, dict[str, Any]]:
   """Evaluates the model folder ``model_dir`` (Orbax or HF) on registered Tasks; returns task →
   metrics. ``mesh``: axis sizes as ``medllama-generate --mesh`` takes them; ``step``: the
-  TensorBoard step the scalars are written at (e.g. the checkpoint's training step)."""
-  settings = EvalSettings(max_new_tokens, batch_size, tuple(stop_sequences), score_options)
+  TensorBoard step the scalars are written at (e.g. the checkpoint's training step);
+  ``chat_template``: prompt instruction-tuned models as they were trained; ``adapters``: a LoRA
+  adapter folder run unmerged on top of ``model_dir``."""
+  settings = EvalSettings(max_new_tokens, batch_size, tuple(stop_sequences), score_options,
+                          chat_template=chat_template)
   device_mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh))
-  loaded = loading.load_model(model_dir, device_mesh, dtype=dtype, param_dtype=dtype)
+  loaded = loading.load_model(model_dir, device_mesh, dtype=dtype, param_dtype=dtype,
+                              adapters=adapters)
   results = [run_task(loaded, name, settings) for name in task_names]
   if jax.process_index() == 0:
     write_results(out_dir, model_dir, results, settings, write_predictions, step)
