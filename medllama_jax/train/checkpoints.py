@@ -77,9 +77,6 @@ class RunCheckpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def should_save(self, step: int) -> bool:
-    return self._manager.should_save(step)
-
   def save(self, step: int, state: Any, iterator: CheckpointableIterator, meta: dict[str, Any],
            force: bool = False) -> bool:
     """Starts writing ``step`` (if due, or ``force``); returns whether a save was started."""
@@ -101,10 +98,6 @@ class RunCheckpoints:
         meta=ocp.args.JsonRestore()))
     logging.info("restored step %d from %s", step, self.directory)
     return restored.state, dict(restored.meta)
-
-  def wait(self) -> None:
-    """Blocks until the last save is on disk."""
-    self._manager.wait_until_finished()
 
   def reached_preemption(self, step: int) -> bool:
     """True on every host once JAX's preemption service has seen a SIGTERM on any host."""
