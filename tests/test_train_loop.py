@@ -25,7 +25,7 @@ import tensorflow as tf
 from medllama_jax import checkpointing, loading, partitioning, tokenizer
 from medllama_jax.config import get_config
 from medllama_jax.data import records
-from medllama_jax.demo import demo_text_path
+from medllama_jax.demo import complete_checkpoints, demo_text_path
 from medllama_jax.model import Llama
 from medllama_jax.train import loop
 
@@ -118,11 +118,6 @@ def final_params(run_dir: str) -> dict:
   return checkpointing.read_tensors(directory, checkpointing.params_metadata(directory))
 
 
-def complete_steps(run_dir: str) -> list[int]:
-  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*"))
-                if os.path.basename(p).isdigit())
-
-
 def test_resume_after_sigterm_and_kill_equals_uninterrupted_run(workspace, tmp_path):
   straight = str(tmp_path / "straight")
   done = run_cli(workspace, straight)
@@ -135,12 +130,12 @@ def test_resume_after_sigterm_and_kill_equals_uninterrupted_run(workspace, tmp_p
   # SIGTERM during step 3: the loop saves at the end of the next step and exits cleanly.
   stopped = run_cli(workspace, resumed, kill_at=3, signum=signal.SIGTERM)
   assert stopped.returncode == 0, stopped.stderr[-3000:]
-  assert complete_steps(resumed) == [2, 4]
+  assert complete_checkpoints(resumed) == [2, 4]
   assert not os.path.exists(os.path.join(resumed, "final_model"))
   # kill -9 right after the asynchronous save of step 6 started.
   killed = run_cli(workspace, resumed, kill_at=6, signum=signal.SIGKILL)
   assert killed.returncode == -signal.SIGKILL
-  assert complete_steps(resumed)[-1] in (4, 6)
+  assert complete_checkpoints(resumed)[-1] in (4, 6)
   finished = run_cli(workspace, resumed)
   assert finished.returncode == 0, finished.stderr[-3000:]
   assert "resuming at step" in finished.stderr
@@ -203,7 +198,7 @@ def test_non_finite_loss_stops_before_any_checkpoint(in_process_gin, tmp_path, p
                  max_consecutive_skips=2)
   with pytest.raises(loop.NonFiniteLossError, match="step 1: loss nan"):
     loop.train()
-  assert complete_steps(str(tmp_path / "run")) == []
+  assert complete_checkpoints(str(tmp_path / "run")) == []
 
 
 def test_init_checkpoint_with_other_architecture_is_refused(in_process_gin, tmp_path):
