@@ -219,7 +219,10 @@ def initialize_distributed() -> None:
   """Joins the multi-host runtime when this process is one of several; a no-op on one host.
 
   TPU VM slices are detected by JAX itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``,
-  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (as a GPU cluster launcher would).
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (as a GPU cluster launcher would). The same variables
+  run several CPU processes on one machine (as the tests do): their collectives go over
+  gloo, JAX's default ``jax_cpu_collectives_implementation`` (``mpi`` can be chosen through JAX's own
+  flag or ``JAX_CPU_COLLECTIVES_IMPLEMENTATION``).
   """
   if jax.distributed.is_initialized():
     return

@@ -250,12 +250,12 @@ def test_restored_iterator_continues_exactly(mixture: str, tmp_path: Path):
   iterator = make_data_iterator(mixture, LENGTH, BATCH, seed=5)
   take(iterator, 2)
   iterator.save(str(tmp_path))
-  assert (tmp_path / "process_0").is_dir()
+  assert (tmp_path / "shard_0-of-1").is_dir()
   expected = take(iterator, 3)
   restored = make_data_iterator(mixture, LENGTH, BATCH, seed=5)
   restored.restore(str(tmp_path))
   assert_same_batches(take(restored, 3), expected)
-  with pytest.raises(FileNotFoundError, match="process_0"):
+  with pytest.raises(FileNotFoundError, match="shard_0-of-1"):
     restored.restore(str(tmp_path / "elsewhere"))
 
 

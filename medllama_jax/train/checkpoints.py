@@ -3,9 +3,11 @@
 A step's checkpoint holds three items:
 
 * ``state``: the ``TrainState`` (step, parameters, optimizer state), written by every host from its
-  own shards and restored straight onto the target shardings, whatever mesh wrote it;
-* ``data``: each process's input-pipeline position (``DataIterator.save``), so a resumed run reads
-  exactly the examples an uninterrupted run would have read next;
+  own shards (the primary host writes the metadata) and restored straight onto the target shardings
+  (:func:`restore_target`), whatever mesh or number of hosts wrote it;
+* ``data``: the input-pipeline position of every data shard (``DataIterator.save``: each process
+  writes the shards it reads), so a resumed run reads exactly the examples an uninterrupted run would
+  have read next, with as many processes as divide the number of data shards;
 * ``meta``: a small JSON record (step, tokens seen, the data description) for humans and checks.
 
 Orbax writes every step into a temporary folder and renames it into place only when all items are
@@ -35,7 +37,8 @@ class CheckpointableIterator(Protocol):
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves and restores an input pipeline's position; each process writes its own files."""
+  """Saves and restores an input pipeline's position; each process writes and reads the files of
+  the data shards it reads, so every process calls it with the same (shared) directory."""
 
   def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
     args.iterator.save(os.fspath(directory))
@@ -55,6 +58,13 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: CheckpointableIterator
+
+
+def restore_target(abstract_state: Any, shardings: Any) -> Any:
+  """``abstract_state``'s shapes and dtypes placed on ``shardings``: what ``RunCheckpoints.restore``
+  reads a checkpoint onto, so the mesh (and device count) of the reader need not be the writer's."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_state, shardings)
 
 
 class RunCheckpoints:
