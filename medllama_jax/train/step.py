@@ -163,6 +163,25 @@ def batch_shardings(mesh: Mesh, rules: partitioning.LogicalRules) -> dict[str, N
   return dict.fromkeys(BATCH_KEYS, sharding)
 
 
+def sharded_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh,
+                       rules: partitioning.LogicalRules, frozen_shardings: Any | None = None
+                       ) -> Callable:
+  """``jax.jit`` of ``(state, batch, frozen) -> (state, metrics)`` with the shardings of training.
+
+  Shared by ``jit_train_step`` (which runs it) and the memory planner (which lowers it on abstract
+  shapes), so the planner compiles exactly the program that training runs.
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def step(state, batch, frozen):
+    with nn.logical_axis_rules(rules):
+      return step_fn(state, batch, frozen)
+
+  return jax.jit(step,
+                 in_shardings=(state_shardings, batch_shardings(mesh, rules), frozen_shardings),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
 def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh,
                    rules: partitioning.LogicalRules, frozen: Any | None = None
                    ) -> Callable[[TrainState, Batch], tuple]:
@@ -170,16 +189,8 @@ def jit_train_step(step_fn: Callable, state_shardings: TrainState, mesh: Mesh,
 
   ``frozen`` (the LoRA base, already sharded) is passed to every step as it is, never donated.
   """
-  replicated = NamedSharding(mesh, PartitionSpec())
   frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
-
-  def step(state, batch, frozen):
-    with nn.logical_axis_rules(rules):
-      return step_fn(state, batch, frozen)
-
-  jitted = jax.jit(step,
-                   in_shardings=(state_shardings, batch_shardings(mesh, rules), frozen_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  jitted = sharded_train_step(step_fn, state_shardings, mesh, rules, frozen_shardings)
 
   def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     with partitioning.activate(mesh, rules):
