@@ -1,0 +1,115 @@
+"""MIBE datasets from their raw releases: one converter per release format, writing exactly the
+files ``medllama_jax.eval.datasets.SPECS`` reads (evaluation set and few-shot pool).
+
+Most MIBE data is credentialed or licensed, so the user downloads each release and converts it
+once, locally (``scripts/prepare_mibe.py``); nothing here fetches anything. A release with its own
+test portion is converted as it stands (``test_raw``); otherwise one input is split by a seeded
+draw of whole units (notes, abstracts, documents: see each module), so that the few-shot pool
+never holds a piece of a test item. Malformed input raises :class:`RawFormatError` naming the file,
+the place and the field; what a converter leaves out by design is counted in the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from absl import logging
+
+from medllama_jax.eval import datasets
+from medllama_jax.eval.raw import bionli, ddi_xml, emrqa, hoc, mimic_cxr, mtsamples, n2c2_concepts
+from medllama_jax.eval.raw.common import (Portion, RawFormatError, Writer, split_units,
+                                          write_csv, write_jsonl, write_squad)
+
+__all__ = ["CONVERTERS", "DEFAULT_TEST_FRACTION", "RawFormatError", "SUMMARY_FILE", "prepare"]
+
+SUMMARY_FILE = "prepare_summary.json"
+DEFAULT_TEST_FRACTION = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+  """``read`` turns one raw input (``raw``: what it is) into records; ``write`` writes a split."""
+  read: Callable[[str], Portion]
+  write: Writer
+  raw: str
+
+
+CONVERTERS: dict[str, Converter] = {
+    "i2b2": Converter(n2c2_concepts.read, write_jsonl,
+                      "a folder holding the n2c2 2010 .txt notes and their .con files"),
+    "ddi": Converter(ddi_xml.read, write_jsonl, "a folder of DDI 2013 corpus .xml files"),
+    "hoc": Converter(hoc.read, write_jsonl, "the Hallmarks-of-Cancer folder (text/, labels/)"),
+    "emrqa": Converter(emrqa.read, write_squad, "emrQA's generated data.json"),
+    "mtsample": Converter(mtsamples.read, write_csv, "Kaggle's mtsamples.csv"),
+    "mimic_cxr": Converter(mimic_cxr.read, write_jsonl,
+                           "the MIMIC-CXR report tree (files/) or its tar/zip package"),
+    "bionli": Converter(bionli.read, write_jsonl, "a BioNLI CSV file"),
+}
+
+
+def _check_out_dir(out_dir: str, names: list[str], overwrite: bool) -> None:
+  present = [name for name in names if os.path.exists(os.path.join(out_dir, name))]
+  if present and not overwrite:
+    raise FileExistsError(f"{out_dir}: {', '.join(present)} already there; pass overwrite "
+                          "(--overwrite) to replace")
+  os.makedirs(out_dir, exist_ok=True)
+
+
+def _write(path: str, write: Callable[[Any], None]) -> None:
+  """Writes through a hidden temporary file renamed into place: a failed run leaves no file that
+  looks complete."""
+  temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.incomplete")
+  with open(temporary, "w", encoding="utf-8", newline="") as f:
+    write(f)
+  os.replace(temporary, path)
+
+
+def prepare(dataset: str, raw: str, out_dir: str, *, test_raw: str | None = None, seed: int = 0,
+            test_fraction: float = DEFAULT_TEST_FRACTION,
+            overwrite: bool = False) -> dict[str, Any]:
+  """Converts ``raw`` (and the release's test portion ``test_raw``, if given) into ``out_dir``.
+
+  Without ``test_raw`` the records of ``raw`` are split, ``test_fraction`` of the units going to
+  the evaluation set by a ``seed``-ed draw. Returns the summary, also written to ``SUMMARY_FILE``.
+  """
+  if dataset not in CONVERTERS:
+    raise ValueError(f"no converter for {dataset!r}; converters: {', '.join(CONVERTERS)} (the "
+                     "other MIBE datasets are read as released: see eval/datasets.py)")
+  converter, spec = CONVERTERS[dataset], datasets.get_spec(dataset)
+  for path in filter(None, (raw, test_raw)):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: not found (expected {converter.raw})")
+  files = {"test": spec.test_files, "train": spec.shot_files}
+  _check_out_dir(out_dir, [*files.values(), SUMMARY_FILE], overwrite)
+  portions = {"train": converter.read(raw)}
+  if test_raw:
+    portions["test"] = converter.read(test_raw)
+    splits = {name: [record for _, record in portion.units] for name, portion in portions.items()}
+  else:
+    splits = dict(zip(("test", "train"), split_units(portions["train"].units, seed, test_fraction,
+                                                     raw)))
+  for name, records in splits.items():
+    if not records:
+      raise ValueError(f"{dataset}: no {name} records from {test_raw if name == 'test' else raw}")
+  for name, file_name in files.items():
+    _write(os.path.join(out_dir, file_name),
+           lambda f, records=splits[name]: converter.write(f, records))
+  skipped: Counter[str] = sum((portion.skipped for portion in portions.values()), Counter())
+  summary = {
+      "dataset": dataset,
+      "raw": raw,
+      "test_raw": test_raw,
+      "split": "release" if test_raw else {"seed": seed, "test_fraction": test_fraction},
+      "records": {name: len(records) for name, records in splits.items()},
+      "files": files,
+      "skipped": dict(sorted(skipped.items())),
+  }
+  _write(os.path.join(out_dir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
+  logging.info("%s: wrote %s to %s; skipped %s", dataset, summary["records"], out_dir,
+               summary["skipped"] or "nothing")
+  return summary

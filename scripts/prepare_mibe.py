@@ -1,0 +1,56 @@
+"""A MIBE dataset's raw release → the folder medllama-eval reads (DATA_DIR/DATASET).
+
+  python scripts/prepare_mibe.py ddi --raw DDICorpus/Train \\
+      --test_raw "DDICorpus/Test/Test for DDI Extraction task" --out mibe/ddi
+  python scripts/prepare_mibe.py mtsample --raw mtsamples.csv --out mibe/mtsample \\
+      [--seed 0] [--test_fraction 0.2] [--overwrite]
+
+Datasets and what --raw is: see medllama_jax/eval/raw/ (one module per release format). Without
+--test_raw the records of --raw are split by a seeded draw. Prints the summary (also written to
+prepare_summary.json in --out); exit status 1 with a one-line message naming the file, place and
+field on malformed input, a missing input or files already in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from medllama_jax import logs
+from medllama_jax.eval import raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="prepare_mibe", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("dataset", choices=sorted(raw.CONVERTERS))
+  parser.add_argument("--raw", required=True,
+                      help="the release: " + "; ".join(f"{name}: {c.raw}"
+                                                      for name, c in raw.CONVERTERS.items()))
+  parser.add_argument("--test_raw", help="the release's own test portion, in the same format")
+  parser.add_argument("--out", required=True, help="the dataset's folder, DATA_DIR/DATASET")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the test/pool draw")
+  parser.add_argument("--test_fraction", type=float, default=raw.DEFAULT_TEST_FRACTION,
+                      help="share of units drawn for the evaluation set (without --test_raw)")
+  parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  logs.setup()
+  try:
+    summary = raw.prepare(args.dataset, args.raw, args.out, test_raw=args.test_raw,
+                          seed=args.seed, test_fraction=args.test_fraction,
+                          overwrite=args.overwrite)
+  except (OSError, ValueError) as e:
+    print(f"prepare_mibe: error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps(summary, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

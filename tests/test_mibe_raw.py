@@ -1,0 +1,423 @@
+"""MIBE converters on small files in each release's format (written here, invented text): the
+records that eval/datasets.py then reads, the errors malformed input gets, the seeded split, the
+command line, and the release's prompt text to the character for the templates taken from it."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from medllama_jax.eval import datasets, scorers
+from medllama_jax.eval.raw import RawFormatError, SUMMARY_FILE, prepare
+from medllama_jax.eval.raw.common import split_units
+from medllama_jax.eval.raw.mimic_cxr import report_sections
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "mibe"
+
+# The release's templates (src/preprocess_instruct.py of BIDS-Xu-Lab/Me-LLaMA), filled by hand.
+DDI_RELEASE = (
+    "TASK: The input is a sentence where the drug is labeled as @DRUG$. Extract the relationship "
+    "between 2 @DRUG$ from the input sentence by selecting only one of the following options: "
+    "'DDI-effect', 'DDI-mechanism', 'DDI-advise', 'DDI-false', and 'DDI-int'.\n"
+    "DDI-effect, this type is used to annotate DDIs describing an effect or a pharmacodynamic "
+    "mechanism\n"
+    "DDI-mechanism, this type is used to annotate DDIs that are described by their pharmacokinetic "
+    "mechanism\n"
+    "DDI-advise, this type is used when a recommendation or advice regarding a drug interaction is "
+    "given\n"
+    "DDI-false, this type is used when no DDI relation appears\n"
+    "DDI-int, this type is used when a DDI appears in the text without providing any additional "
+    "information\n###\nINPUT: {}\nOUTPUT:")
+HOC_RELEASE = (
+    "The task is to decide the Hallmarks of Cancer (HOC) taxonomy of the article based on its "
+    "abstract. The input is an abstract text. There are 10 topics you will need to decide whether "
+    "the article is related to. Topics: sustaining proliferative signaling, evading growth "
+    "suppressors, resisting cell death, enabling replicative immortality, inducing angiogenesis, "
+    "activating invasion and metastasis, genomic instability and mutation, tumor promoting "
+    "inflammation, cellular energetics, avoiding immune destruction. The output should be topics "
+    "from the above 10 topics, that are related to the input article. Please note one article can "
+    "be related to multiple topics. Output format: provide a semicolon-separated list of relevant "
+    "topics.\n    ###\n    INPUT: {}\n    OUTPUT:")
+MTSAMPLE_RELEASE = (
+    "TASK: The task is to determine the medical specialty or domain that a medical transcription "
+    "belongs to. The input is a medical transcription. There are 40 medical specialties or domains "
+    "and you need to decide which one is the transcription related to. The medical specialties or "
+    "domains are: 'Surgery', 'Allergy / Immunology', 'Sleep Medicine', 'Pediatrics - Neonatal', "
+    "'SOAP / Chart / Progress Notes', 'Bariatrics', 'Pain Management', 'Lab Medicine - Pathology', "
+    "'Dermatology', 'Orthopedic', 'Dentistry', 'Psychiatry / Psychology', 'General Medicine', "
+    "'Office Notes', 'Letters', 'Neurosurgery', 'Radiology', 'Cosmetic / Plastic Surgery', "
+    "'Nephrology', 'Diets and Nutritions', 'Chiropractic', 'Gastroenterology', 'Cardiovascular / "
+    "Pulmonary', 'Speech - Language', 'Hospice - Palliative Care', 'Autopsy', 'Endocrinology', "
+    "'Emergency Room Reports', 'Discharge Summary', 'ENT - Otolaryngology', 'Urology', 'Physical "
+    "Medicine - Rehab', 'Neurology', 'Podiatry', 'Ophthalmology', 'Rheumatology', "
+    "'IME-QME-Work Comp etc.', 'Hematology - Oncology', 'Consult - History and Phy.', "
+    "'Obstetrics / Gynecology'. The output should be only one medical specialty or domain from the "
+    "above 40 specialties or domains, that is most relevant to the medical transcription. Please "
+    "note that each medical transcript can only be related to one medical specialty or domain. "
+    "Output format: provide the name of the medical specialty or domain.\n###\nINPUT: {}\n"
+    "OUTPUT:")
+PUBMED_RELEASE = (
+    "***TASK***\nthe task is to summarize an input biomedical literature in six sentences\n\n"
+    "***INPUT***\nthe input is a biomedical literature\n\n***OUTPUT***\nthe output is the summary "
+    "of an input biomedical literature in six sentences\n\n***DOCUMENTATION***\n\n***EXAMPLES***"
+    "\n\nInput: {}\nOutput:")
+MEDMCQA_RELEASE = (
+    "You are a medical doctor answering realworld medical entrance exam questions. Based on your "
+    "understanding of basic and clinical science, medical knowledge, and mechanisms underlying "
+    "health, disease, patient care, and modes of therapy, answer the following multiple-choice "
+    "question. Select one correct answer from A to D. Base your answer on the current and standard "
+    "practices referenced in medical guidelines.\nQuestion: {}\n\nOptions:\n{}\n\nThe answer is")
+
+
+def write(path: pathlib.Path, text: str) -> str:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text, encoding="utf-8")
+  return str(path)
+
+
+def convert(dataset: str, raw: str, tmp_path: pathlib.Path, **kwargs) -> tuple[str, dict]:
+  out = str(tmp_path / "mibe" / dataset)
+  return out, prepare(dataset, raw, out, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# i2b2 2010 concepts.
+
+NOTE = "The patient reports chest pain .\n\nAspirin was given for pain .\nNo labs today .\n"
+CONCEPTS = ('c="chest pain" 1:3 1:4||t="problem"\nc="aspirin" 3:0 3:0||t="treatment"\n'
+            'c="pain" 3:4 3:4||t="problem"\n')
+
+
+def write_i2b2(folder: pathlib.Path, name: str, concepts: str = CONCEPTS) -> None:
+  write(folder / "txt" / f"{name}.txt", NOTE)
+  write(folder / "concept" / f"{name}.con", concepts)
+
+
+def test_i2b2_notes_become_bio_sentences(tmp_path):
+  write_i2b2(tmp_path / "train", "record-1")
+  write(tmp_path / "train" / "txt" / "unannotated.txt", "A note without concepts .\n")
+  write_i2b2(tmp_path / "test", "record-2")
+  out, summary = convert("i2b2", str(tmp_path / "train"), tmp_path,
+                         test_raw=str(tmp_path / "test"))
+  assert summary["records"] == {"test": 3, "train": 3}
+  assert summary["skipped"] == {"notes_without_concepts": 1} and summary["split"] == "release"
+  records = datasets.read_records("i2b2", out)
+  assert [r["gold"] for r in records] == [
+      [["The", "patient", "reports", "chest", "pain", "."],
+       ["O", "O", "O", "B-problem", "I-problem", "O"]],
+      [["Aspirin", "was", "given", "for", "pain", "."],
+       ["B-treatment", "O", "O", "O", "B-problem", "O"]],
+      [["No", "labs", "today", "."], ["O", "O", "O", "O"]]]
+  assert records[1]["answer"] == ('<span class="treatment">Aspirin</span> was given for '
+                                  '<span class="problem">pain</span> .')
+  assert json.loads((pathlib.Path(out) / SUMMARY_FILE).read_text()) == summary
+
+
+@pytest.mark.parametrize("line,message", [
+    ('c="chest pain" 1:3-1:4||t="problem"', r"record-1\.con: line 1: not a concept line"),
+    ('c="chest pain" 1:3 1:9||t="problem"', r"line 1: tokens 3-9 outside line 1's 6 tokens"),
+    ('c="chest pain" 9:3 9:4||t="problem"', r"line 1: line 9 outside the note's 5 lines"),
+    ('c="chest pain" 1:3 1:4||t="disease"', r"line 1: field t: label 'disease' not in"),
+    ('c="heart pain" 1:3 1:4||t="problem"', r"line 1: field c does not match tokens 3-4"),
+    ('c="chest pain" 1:3 1:4||t="problem"\nc="pain" 1:4 1:4||t="problem"',
+     r"line 2: concept overlaps another on line 1"),
+])
+def test_i2b2_malformed_concepts_are_named(tmp_path, line, message):
+  write_i2b2(tmp_path / "raw", "record-1", line + "\n")
+  write_i2b2(tmp_path / "raw", "record-2")
+  with pytest.raises(RawFormatError, match=message):
+    convert("i2b2", str(tmp_path / "raw"), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# DDI 2013.
+
+DDI_DOCUMENT = """<?xml version="1.0" encoding="UTF-8"?>
+<document id="DDI-DrugBank.d1" origId="Drug1">
+  <sentence id="DDI-DrugBank.d1.s0" origId="s0" text="Ketoconazole raises plasma levels of \
+midazolam and of oral triazolam.">
+    <entity id="DDI-DrugBank.d1.s0.e0" origId="s0.p0"
+        charOffset="0-11" type="drug" text="Ketoconazole"/>
+    <entity id="DDI-DrugBank.d1.s0.e1" origId="s0.p1"
+        charOffset="37-45" type="drug" text="midazolam"/>
+    <entity id="DDI-DrugBank.d1.s0.e2" origId="s0.p2"
+        charOffset="54-57;59-67" type="drug" text="oral triazolam"/>
+    <pair id="DDI-DrugBank.d1.s0.p0" e1="DDI-DrugBank.d1.s0.e0"
+        e2="DDI-DrugBank.d1.s0.e1" ddi="true" type="mechanism"/>
+    <pair id="DDI-DrugBank.d1.s0.p1" e1="DDI-DrugBank.d1.s0.e0"
+        e2="DDI-DrugBank.d1.s0.e2" ddi="true" type="mechanism"/>
+    <pair id="DDI-DrugBank.d1.s0.p2" e1="DDI-DrugBank.d1.s0.e1"
+        e2="DDI-DrugBank.d1.s0.e2" ddi="false"/>
+  </sentence>
+  <sentence id="DDI-DrugBank.d1.s1" origId="s1" text="No drugs here."/>
+</document>
+"""
+
+
+def ddi_document(doc_id: str, **replace: str) -> str:
+  text = DDI_DOCUMENT.replace("DDI-DrugBank.d1", doc_id)
+  for old, new in replace.items():
+    text = text.replace(old, new)
+  return text
+
+
+def test_ddi_pairs_become_marked_sentences_with_the_release_prompt(tmp_path):
+  write(tmp_path / "Train" / "DrugBank" / "d1.xml", ddi_document("DDI-DrugBank.d1"))
+  write(tmp_path / "Test" / "MedLine" / "d2.xml", ddi_document("DDI-MedLine.d2"))
+  out, summary = convert("ddi", str(tmp_path / "Train"), tmp_path, test_raw=str(tmp_path / "Test"))
+  assert summary["records"] == {"test": 3, "train": 3}
+  records = datasets.read_records("ddi", out)
+  assert [(r["sentence"], r["gold"]) for r in records] == [
+      ("@DRUG$ raises plasma levels of @DRUG$ and of oral triazolam.", "DDI-mechanism"),
+      ("@DRUG$ raises plasma levels of midazolam and of @DRUG$.", "DDI-mechanism"),
+      ("Ketoconazole raises plasma levels of @DRUG$ and of @DRUG$.", "DDI-false")]
+  [example, *_] = datasets.build_examples("ddi", out)
+  assert example["inputs"] == DDI_RELEASE.format(
+      "@DRUG$ raises plasma levels of @DRUG$ and of oral triazolam.")
+  assert example["options"] == list(scorers.DDI_LABELS)
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ('charOffset="37-45"', 'charOffset="37-95"', r"d1\.xml: entity DDI-DrugBank\.d1\.s0\.e1: "
+     r"charOffset 37-95 outside its sentence \(69 characters\)"),
+    ('charOffset="37-45"', 'charOffset="36-44"', r"entity DDI-DrugBank\.d1\.s0\.e1: field text "
+     "differs"),
+    ('ddi="true" type="mechanism"/>', 'ddi="true" type="synergy"/>',
+     r"pair DDI-DrugBank\.d1\.s0\.p0: field type: label 'synergy' not in"),
+    ('<sentence id="DDI-DrugBank.d1.s1" origId="s1" text="No drugs here."/>', '<sentence>',
+     r"d1\.xml: line \d+, column \d+: not well-formed XML"),
+])
+def test_ddi_malformed_input_is_named(tmp_path, old, new, message):
+  write(tmp_path / "raw" / "d1.xml", ddi_document("DDI-DrugBank.d1", **{old: new}))
+  with pytest.raises(RawFormatError, match=message):
+    convert("ddi", str(tmp_path / "raw"), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hallmarks of Cancer.
+
+def write_hoc(folder: pathlib.Path, pmid: str, sentences: list[str], labels: str) -> None:
+  write(folder / "text" / f"{pmid}.txt", "".join(s + "\n" for s in sentences))
+  write(folder / "labels" / f"{pmid}.txt", labels)
+
+
+def test_hoc_abstracts_get_their_sentences_hallmarks_and_the_release_prompt(tmp_path):
+  raw = tmp_path / "Hallmarks-of-Cancer"
+  write_hoc(raw, "100", ["Cells escaped apoptosis .", "Nothing here .", "Vessels grew ."],
+            "< Resisting cell death--Apoptosis< <  Inducing angiogenesis--Vessels ANDResisting "
+            "cell death--Apoptosis")
+  write_hoc(raw, "200", ["A plain sentence ."], "< ")
+  write_hoc(raw, "300", ["Mutations piled up ."], "<Genomic instability and mutation--")
+  out, summary = convert("hoc", str(raw), tmp_path, seed=3, test_fraction=0.3)
+  assert summary["records"] == {"test": 1, "train": 2}
+  records = {r["text"]: r for r in datasets.read_records("hoc", out)
+             + datasets.read_records("hoc", out, shots=True)}
+  assert records["Cells escaped apoptosis . Nothing here . Vessels grew ."]["gold"] == [
+      "resisting cell death", "inducing angiogenesis"]
+  assert records["Cells escaped apoptosis . Nothing here . Vessels grew ."]["answer"] == (
+      "resisting cell death;inducing angiogenesis")
+  assert records["A plain sentence ."]["gold"] == []
+  example = datasets.build_examples("hoc", out)[0]
+  text = next(r["text"] for r in datasets.read_records("hoc", out))
+  assert example["inputs"] == HOC_RELEASE.format(text)
+  fixed = datasets.build_examples("hoc", out, variant="fixed")[0]["inputs"]
+  assert fixed.endswith(f"topics.\n###\nINPUT: {text}\nOUTPUT:")
+
+
+@pytest.mark.parametrize("labels,message", [
+    ("< <Resisting cell death--Apoptosis", r"100\.txt: 2 label fields for the 1 sentences"),
+    ("<Escaping gravity--Flight", r"100\.txt: sentence 1: label 'Escaping gravity' not among"),
+])
+def test_hoc_malformed_labels_are_named(tmp_path, labels, message):
+  write_hoc(tmp_path / "raw", "100", ["One sentence ."], labels)
+  with pytest.raises(RawFormatError, match=message):
+    convert("hoc", str(tmp_path / "raw"), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# emrQA.
+
+def emrqa_json(evidence_line: int = 2,
+               evidence: str = "Lisinopril 10 mg daily for hypertension .") -> dict:
+  def note(note_id: str) -> dict:
+    return {"note_id": note_id,
+            "context": ["Admitted with headache .\n", "Lisinopril 10 mg daily for hypertension .\n",
+                        "Follow up in two weeks .\n"],
+            "qas": [{"id": ["q1"], "question": ["Why is the patient on lisinopril?",
+                                                 "What is lisinopril for?"],
+                     "answers": [{"text": "hypertension", "answer_start": [evidence_line, 5],
+                                  "evidence": evidence, "evidence_start": [evidence_line]}]},
+                    {"id": ["q2"], "question": ["Has the patient smoked?"],
+                     "answers": [{"text": "no", "answer_start": [0, 0], "evidence": "",
+                                  "evidence_start": []}]}]}
+  return {"data": [{"title": "medication", "paragraphs": [note("101"), note("102")]}]}
+
+
+def test_emrqa_evidence_lines_become_squad_answers(tmp_path):
+  raw = write(tmp_path / "data.json", json.dumps(emrqa_json()))
+  out, summary = convert("emrqa", raw, tmp_path)
+  assert summary["records"] == {"test": 1, "train": 1}
+  assert summary["skipped"] == {"questions_without_evidence": 2}
+  [record] = datasets.read_records("emrqa", out)
+  assert record["context"] == ("Admitted with headache .\nLisinopril 10 mg daily for "
+                               "hypertension .\nFollow up in two weeks .")
+  assert record["question"] == "Why is the patient on lisinopril?"
+  assert record["gold"] == "Lisinopril 10 mg daily for hypertension ."
+  squad = json.loads((pathlib.Path(out) / "test.json").read_text())
+  [answer] = squad["data"][0]["paragraphs"][0]["qas"][0]["answers"]
+  assert record["context"][answer["answer_start"]:].startswith(answer["text"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"evidence_line": 7}, r"data\.json: 'medication' note 101, question 0: answer_start line 7 "
+     "outside the note's 3 lines"),
+    ({"evidence": "Metformin 500 mg ."}, r"note 101, question 0: field evidence does not occur"),
+])
+def test_emrqa_malformed_answers_are_named(tmp_path, kwargs, message):
+  raw = write(tmp_path / "data.json", json.dumps(emrqa_json(**kwargs)))
+  with pytest.raises(RawFormatError, match=message):
+    convert("emrqa", raw, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# MTSamples.
+
+MTSAMPLES_HEADER = ["", "description", "medical_specialty", "sample_name", "transcription",
+                    "keywords"]
+
+
+def write_mtsamples(path: pathlib.Path, rows: list[tuple[str, str]]) -> str:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", encoding="utf-8", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(MTSAMPLES_HEADER)
+    for index, (specialty, transcription) in enumerate(rows):
+      writer.writerow([index, "Invented.", f" {specialty}", f" Sample {index} ", transcription, ""])
+  return str(path)
+
+
+def test_mtsamples_split_keeps_copies_together_and_the_release_prompt(tmp_path):
+  rows = [("Surgery", f"PROCEDURE: Invented operation {k}.") for k in range(8)]
+  rows += [("Orthopedic", "PROCEDURE: Invented operation 3."), ("Neurology", ""),
+           ("Neurology", "HISTORY: Invented numbness,\nleft hand.")]
+  raw = write_mtsamples(tmp_path / "mtsamples.csv", rows)
+  out, summary = convert("mtsample", raw, tmp_path, seed=1, test_fraction=0.25)
+  assert summary["skipped"] == {"rows_without_transcription": 1}
+  test, pool = datasets.read_records("mtsample", out), datasets.read_records("mtsample", out, True)
+  assert (len(test), len(pool)) == (2, 8)
+  assert sorted(r["transcription"] for r in test + pool) == sorted(t for _, t in rows if t)
+  copies = [r for r in test + pool if r["transcription"] == "PROCEDURE: Invented operation 3."]
+  assert len(copies) == 2 and (copies[0] in test) == (copies[1] in test)
+  _, again = convert("mtsample", raw, tmp_path, seed=1, test_fraction=0.25, overwrite=True)
+  assert datasets.read_records("mtsample", out) == test
+  [example, *_] = datasets.build_examples("mtsample", out)
+  assert example["inputs"] == MTSAMPLE_RELEASE.format(test[0]["transcription"])
+  with open(pathlib.Path(out) / "test.csv", encoding="utf-8", newline="") as f:
+    assert next(csv.reader(f)) == MTSAMPLES_HEADER
+
+
+def test_mtsamples_unknown_specialty_is_named(tmp_path):
+  raw = write_mtsamples(tmp_path / "mtsamples.csv", [("Surgery", "A."), ("Astrology", "B.")])
+  with pytest.raises(RawFormatError, match=r"mtsamples\.csv: row 2 \(line 3\): field "
+                     r"medical_specialty: 'Astrology' is not one of the 40"):
+    convert("mtsample", raw, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# MIMIC-CXR, BioNLI.
+
+REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___ year old with cough.
+
+ FINDINGS:
+
+ The lungs are clear.  Heart size is
+ normal.
+
+ IMPRESSION:
+
+ No acute process.
+"""
+
+
+def test_mimic_cxr_reports_become_findings_and_impression(tmp_path):
+  files = tmp_path / "files"
+  for k in range(4):
+    write(files / "p10" / f"p1000000{k}" / f"s5000000{k}.txt",
+          REPORT.replace("cough", f"cough {k}"))
+  write(files / "p11" / "p11000000" / "s51000000.txt", REPORT.split(" IMPRESSION")[0])
+  write(files / "p11" / "p11000000" / "notes.txt", "not a report")
+  out, summary = convert("mimic_cxr", str(files), tmp_path, test_fraction=0.5)
+  assert summary["records"] == {"test": 2, "train": 2}
+  assert summary["skipped"] == {"no_impression": 1, "not_a_report": 1}
+  record = datasets.read_records("mimic_cxr", out)[0]
+  assert (record["findings"], record["gold"]) == ("The lungs are clear. Heart size is normal.",
+                                                  "No acute process.")
+  assert report_sections(REPORT)["examination"] == "CHEST (PA AND LAT)"
+
+
+def test_bionli_rows_become_two_way_nli(tmp_path):
+  header = "pmid,supp_set,conclusion,label_cat\n"
+  train = write(tmp_path / "train.csv", header + '1,"Gene X rose, then fell.",X rose.,pos\n'
+                "1,Gene X rose.,X fell.,SRE\n")
+  test = write(tmp_path / "test.csv",
+               header + "2,Drug Y lowered pressure.,Y lowers pressure.,pos\n")
+  out, summary = convert("bionli", train, tmp_path, test_raw=test)
+  assert summary["records"] == {"test": 1, "train": 2}
+  pool = datasets.read_records("bionli", out, shots=True)
+  assert [(r["premise"], r["hypothesis"], r["gold"]) for r in pool] == [
+      ("Gene X rose, then fell.", "X rose.", "entailment"),
+      ("Gene X rose.", "X fell.", "contradiction")]
+  bad = write(tmp_path / "bad.csv", "supp_set,conclusion,label\nA.,B.,maybe\n")
+  with pytest.raises(RawFormatError, match=r"bad\.csv: row 1 \(line 2\): field label: 'maybe'"):
+    convert("bionli", bad, tmp_path, test_raw=test, overwrite=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Split, command line, and the release's prompts of the datasets read as released.
+
+
+def test_split_is_seeded_by_unit():
+  units = [(f"note{k % 5}", {"k": k}) for k in range(20)]
+  test, train = split_units(units, seed=0, test_fraction=0.4, source="x")
+  assert len(test) == 8 and len(train) == 12
+  assert {r["k"] % 5 for r in test}.isdisjoint({r["k"] % 5 for r in train})
+  assert split_units(list(reversed(units)), 0, 0.4, "x")[0] == list(reversed(test))
+  assert any(split_units(units, seed, 0.4, "x")[0] != test for seed in range(1, 5))
+  with pytest.raises(ValueError, match="x: 1 split unit"):
+    split_units(units[:1], 0, 0.4, "x")
+
+
+def test_command_line(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location("prepare_mibe",
+                                                ROOT / "scripts" / "prepare_mibe.py")
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  raw = write_mtsamples(tmp_path / "mtsamples.csv", [("Surgery", "A."), ("Urology", "B.")])
+  out = str(tmp_path / "mibe" / "mtsample")
+  assert cli.main(["mtsample", "--raw", raw, "--out", out, "--seed", "2"]) == 0
+  assert json.loads(capsys.readouterr().out)["records"] == {"test": 1, "train": 1}
+  assert cli.main(["mtsample", "--raw", raw, "--out", out]) == 1
+  assert "test.csv, train.csv, prepare_summary.json already there" in capsys.readouterr().err
+  bad = write_mtsamples(tmp_path / "bad.csv", [("Surgery", "A."), ("Astrology", "B.")])
+  assert cli.main(["mtsample", "--raw", bad, "--out", out, "--overwrite"]) == 1
+  assert capsys.readouterr().err.startswith(f"prepare_mibe: error: {bad}: row 2 (line 3): field")
+
+
+def test_medmcqa_and_pubmed_prompts_are_the_release_text():
+  medmcqa = datasets.build_examples("medmcqa", str(FIXTURES / "medmcqa"))[0]
+  assert medmcqa["inputs"] == MEDMCQA_RELEASE.format(
+      "Drug of choice for absence seizures is?",
+      "A. Phenytoin\nB. Ethosuximide\nC. Carbamazepine\nD. Phenobarbital")
+  assert medmcqa["targets"] == "B"
+  pubmed = datasets.build_examples("pubmed_summarization", str(FIXTURES / "pubmed_summarization"))
+  assert pubmed[0]["inputs"] == PUBMED_RELEASE.format(
+      "we studied sleep duration in 300 nurses working night shifts . short sleep was linked to "
+      "more medication errors .")
