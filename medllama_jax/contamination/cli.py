@@ -1,0 +1,148 @@
+"""``medllama-contamination``: n-gram overlap of the MIBE evaluation sets with the training data.
+
+  medllama-contamination --data_dir mibe --out reports/contamination [--tasks all|pubmedqa,medqa]
+      [--prepared data/pubmed_abstracts ...] [--instruct instruct_data ...]
+      [--raw jsonl:'redpajama/*.jsonl.gz' ...] [--n 13] [--top_documents 10]
+      [--write_decontaminated data_clean [--overwrite]]
+
+Sources (each repeatable, at least one): ``--prepared`` a prepared pre-training corpus folder,
+``--instruct`` an instruction file or a folder of them (the instruction mixture's data_dir; one
+source per file), ``--raw`` FORMAT:PATH raw files in a prepare_corpus format (path or glob).
+``--tasks`` picks datasets as medllama-eval's does (``all`` = the 12 MIBE datasets; ``mmlu`` by
+name). Writes ``contamination.json`` and ``contamination.md`` into ``--out`` (ids and counts, no
+text) and prints the Markdown. ``--write_decontaminated OUT`` also writes, for every ``--prepared``
+corpus, a copy without the documents that share an n-gram with a test example, as ``OUT/{corpus
+folder name}``: a ``data_dir`` for the pre-training mixture. Exit status 1 with a one-line message
+for a missing input, a non-empty output folder or bad data. Normalisation and hashing:
+``medllama_jax/contamination/ngrams.py``; which test text is checked:
+``medllama_jax/contamination/eval_sets.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from absl import logging
+
+from medllama_jax import logs
+from medllama_jax.contamination import eval_sets, report, sources
+from medllama_jax.contamination.decontaminate import DecontaminatedCopy
+from medllama_jax.contamination.scan import Scanner
+from medllama_jax.data import corpora
+from medllama_jax.eval import datasets as mibe_datasets
+
+DEFAULT_N = 13
+NORMALISATION = "NFKC, casefold, words = runs of letters/digits"
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="medllama-contamination", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--data_dir", required=True, help="folder with one sub-folder per dataset")
+  parser.add_argument("--tasks", default="all",
+                      help="comma-separated datasets; 'all' = the 12 MIBE datasets")
+  parser.add_argument("--out", required=True,
+                      help="folder for contamination.json and contamination.md")
+  parser.add_argument("--prepared", action="append", default=[],
+                      help="prepared corpus folder (prepare_corpus.py output); repeatable")
+  parser.add_argument("--instruct", action="append", default=[],
+                      help="instruction file (.jsonl/.json/.parquet) or folder; repeatable")
+  parser.add_argument("--raw", action="append", default=[],
+                      help=f"FORMAT:PATH, FORMAT one of {', '.join(corpora.READERS)}; repeatable")
+  parser.add_argument("--n", type=int, default=DEFAULT_N, help="words per n-gram")
+  parser.add_argument("--top_documents", type=int, default=10,
+                      help="best-matching corpus documents listed per dataset")
+  parser.add_argument("--batch_words", type=int, default=1 << 18,
+                      help="corpus words hashed and looked up together")
+  parser.add_argument("--write_decontaminated", metavar="OUT",
+                      help="write each --prepared corpus, less its overlapping documents, to "
+                           "OUT/{its folder name}")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace what an earlier run wrote in the decontaminated folders")
+  return parser
+
+
+def _datasets(tasks: str) -> list[str]:
+  names = [name for item in tasks.split(",")
+           for name in (mibe_datasets.MIBE_DATASETS if item == "all" else (item,))]
+  unknown = sorted(set(names) - set(mibe_datasets.SPECS))
+  if unknown:
+    raise ValueError(f"--tasks: unknown datasets {unknown}; known: {sorted(mibe_datasets.SPECS)}")
+  return list(dict.fromkeys(names))
+
+
+def _copies(prepared: Sequence[sources.PreparedCorpus], out: str,
+            overwrite: bool) -> dict[str, DecontaminatedCopy]:
+  folders = [os.path.basename(os.path.normpath(corpus.path)) for corpus in prepared]
+  if len(set(folders)) < len(folders):
+    raise ValueError(f"--write_decontaminated: --prepared folders {folders} share a name; each "
+                     f"copy is written to {out}/<folder name>")
+  return {corpus.name: DecontaminatedCopy(corpus, os.path.join(out, folder), overwrite)
+          for corpus, folder in zip(prepared, folders)}
+
+
+def contamination(args: argparse.Namespace) -> dict:
+  """Checks every source against the evaluation sets; returns the report written to ``--out``."""
+  datasets = _datasets(args.tasks)
+  prepared = [sources.PreparedCorpus(path) for path in args.prepared]
+  corpus_sources: list[sources.CorpusSource] = [
+      *prepared, *(f for path in args.instruct for f in sources.instruction_files(path)),
+      *(sources.RawCorpus(spec) for spec in args.raw)]
+  names = [source.name for source in corpus_sources]
+  if len(set(names)) < len(names):
+    raise ValueError(f"a corpus source is given twice: {names}")
+  if args.write_decontaminated and not prepared:
+    raise ValueError("--write_decontaminated copies --prepared corpora; none given")
+  index = eval_sets.load_index(args.data_dir, datasets, args.n)
+  copies = (_copies(prepared, args.write_decontaminated, args.overwrite)
+            if args.write_decontaminated else {})
+  scanner = Scanner(index, args.top_documents, args.batch_words)
+  provenance = {"n": args.n, "data_dir": args.data_dir, "datasets": datasets}
+  decontaminated = {}
+  for source in corpus_sources:
+    scanned = scanner.scan(source.name, source.kind, source.documents())
+    if source.name in copies:
+      stats = copies[source.name].write(scanned, provenance)
+      decontaminated[source.name] = {"out_dir": copies[source.name].out_dir,
+                                     "removed": stats["decontamination"]["removed"],
+                                     "records_written": stats["records_written"]}
+    else:
+      for _ in scanned:
+        pass
+  result = report.build_report(
+      index, scanner, {source.name: source.rejections.counts for source in corpus_sources},
+      {"data_dir": args.data_dir, "normalisation": NORMALISATION})
+  if decontaminated:
+    result["decontaminated"] = decontaminated
+  return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if not (args.prepared or args.instruct or args.raw):
+    parser.error("give at least one corpus source: --prepared, --instruct or --raw")
+  logs.setup()
+  try:
+    result = contamination(args)
+  except (corpora.CorpusError, OSError, ValueError) as e:
+    print(f"medllama-contamination: error: {e}", file=sys.stderr)
+    return 1
+  json_path, markdown_path = report.write_report(args.out, result)
+  for dataset, entry in result["datasets"].items():
+    logging.info("%s: %d of %d examples contaminated", dataset, entry["contaminated_examples"],
+                 entry["examples"])
+  logging.info("report: %s, %s", json_path, markdown_path)
+  print(report.markdown(result), end="")
+  return 0
+
+
+def run() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()
