@@ -49,6 +49,7 @@ setup(
             # Reference libraries the evaluation metrics are checked against.
             "scikit-learn>=1.3",
             "seqeval>=1.2.2",
+            "bert-score>=0.3.13",
         ],
         # BERTScore for the summarization tasks, with a model folder the user provides.
         "bertscore": ["bert-score>=0.3.13"],
@@ -59,6 +60,10 @@ setup(
             "medllama-generate=medllama_jax.generate_cli:run",
             "medllama-train=medllama_jax.train.cli:run",
             "medllama-eval=medllama_jax.eval.cli:run",
+            "medllama-supervised=medllama_jax.supervised_cli:run",
+            "medllama-contamination=medllama_jax.contamination.cli:run",
+            "medllama-plan=medllama_jax.plan.cli:run",
+            "medllama-tpu=medllama_jax.launch.cli:run",
         ],
     },
 )

@@ -18,7 +18,10 @@ printed with where it wrote:
   6. ``orbax-to-hf``: export the tuned model to a Hugging Face folder, check that ``transformers``
      loads it and computes the same logits (when transformers is installed), and re-import it bit for bit;
   7. generate with the KV-cache decoder on the same mesh: the pre-trained model continues medical
-     text, the tuned one answers questions through the chat template.
+     text, the tuned one answers questions through the chat template;
+  8. ``medllama-eval`` of the tuned model, prompted through its chat template, on the shipped sample
+     of every MIBE dataset and MMLU (``demo_data/mibe``: invented examples in the real formats),
+     which writes results.json and results.md with every metric of every task.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from medllama_jax import (chat, checkpointing, decode, generate_cli, loading, lo
 from medllama_jax.config import LlamaConfig, model_config  # noqa: E402
 from medllama_jax.convert import hf  # noqa: E402
 from medllama_jax.data import records  # noqa: E402
+from medllama_jax.eval import cli as eval_cli  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
 
 DEMO_PROMPTS = ("The patient presented with", "Metformin is a first-line treatment for")
@@ -54,6 +58,11 @@ DEMO_GIN = "demo/pretrain_demo.gin"
 INSTRUCT_GIN = "demo/instruct_demo.gin"
 CHAT_PROMPTS = ("What is metformin used for?",)
 KILL_AFTER_STEP = 20
+# The evaluation compiles a program per prompt length bucket, which costs more than running the
+# few examples of each sample: one device (the simulated 8-device mesh compiles slower), and
+# buckets of 256 tokens (the demo model's context is 512).
+EVAL_MESH = "1,1,1"
+EVAL_LENGTH_BUCKET = 256
 
 # Corpus folder (a task of the pre-training mixture) → (preparer format, shipped sample).
 DEMO_CORPORA = {
@@ -119,12 +128,17 @@ def complete_checkpoints(run_dir: str) -> list[int]:
                 if os.path.basename(p).isdigit())
 
 
+def train_log(run_dir: str) -> str:
+  """Where ``run_training`` appends the trainer's output: beside the run folder, for all runs."""
+  return os.path.join(os.path.dirname(run_dir), "train.log")
+
+
 def run_training(gin_file: str, run_dir: str, macros: dict[str, str],
                  kill_after: int | None = None) -> int:
   """``medllama-train`` on a demo recipe; with ``kill_after``, SIGKILL once that step is saved."""
   command = [sys.executable, "-m", "medllama_jax.train.cli", f"--gin_file={gin_file}",
              f"--gin.RUN_DIR='{run_dir}'", *(f"--gin.{k}='{v}'" for k, v in macros.items())]
-  with open(os.path.join(os.path.dirname(run_dir), "train.log"), "a") as log:
+  with open(train_log(run_dir), "a") as log:
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     while kill_after is not None and process.poll() is None:
       if any(step >= kill_after for step in complete_checkpoints(run_dir)):
@@ -132,6 +146,24 @@ def run_training(gin_file: str, run_dir: str, macros: dict[str, str],
         break
       time.sleep(0.2)
     return process.wait()
+
+
+def train_to_end(gin_file: str, run_dir: str, macros: dict[str, str], what: str) -> str | None:
+  """``run_training`` to the last step; the final model folder, or None (after saying where the
+  log is) when the run failed."""
+  if run_training(gin_file, run_dir, macros) != 0:
+    print(f"{what} failed: see {train_log(run_dir)}", file=sys.stderr)
+    return None
+  return os.path.join(run_dir, "final_model")
+
+
+def evaluate_on_mibe_samples(model_dir: str, out_dir: str, template: str,
+                             max_new_tokens: int) -> int:
+  """``medllama-eval`` on the shipped sample of each of the 12 MIBE datasets and MMLU."""
+  return eval_cli.main(["--model", model_dir, "--data_dir", demo_data_path("mibe"), "--out",
+                        out_dir, "--tasks", "all,mmlu", "--chat_template", template,
+                        "--max_new_tokens", str(max_new_tokens), "--mesh", EVAL_MESH,
+                        "--length_bucket", str(EVAL_LENGTH_BUCKET)])
 
 
 def export_and_check(model_dir: str, hf_dir: str, reimport_dir: str, mesh) -> str:
@@ -163,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m medllama_jax.demo", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
-  parser.add_argument("--max_new_tokens", type=int, default=24)
+  parser.add_argument("--max_new_tokens", type=int, default=24, help="per generation (step 7)")
+  parser.add_argument("--eval_max_new_tokens", type=int, default=8,
+                      help="per evaluation answer (step 8)")
   args = parser.parse_args(argv)
   logs.setup()
   out = os.path.abspath(args.out)
@@ -175,42 +209,41 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"devices: {jax.device_count()} × {jax.devices()[0].platform}, mesh {dict(mesh.shape)}")
 
   tok_dir = train_tokenizer(os.path.join(out, "tokenizer"), config.vocab_size)
-  print(f"[1/7] SentencePiece tokenizer ({config.vocab_size} pieces): {tok_dir}")
+  print(f"[1/8] SentencePiece tokenizer ({config.vocab_size} pieces): {tok_dir}")
 
   data_dir = os.path.join(out, "data")
   summaries = prepare_corpora(data_dir)
   counts = ", ".join(f"{c} {s['records_written'].get('train', 0)}+"
                      f"{s['records_written'].get('validation', 0)}" for c, s in summaries.items())
-  print(f"[2/7] prepared corpora (train+validation records: {counts}): {data_dir}")
+  print(f"[2/8] prepared corpora (train+validation records: {counts}): {data_dir}")
 
   init_dir = write_init_model(os.path.join(out, "init_model"), config, tok_dir, mesh)
-  print(f"[3/7] starting model folder (random, {config.num_params():,} parameters): {init_dir}")
+  print(f"[3/8] starting model folder (random, {config.num_params():,} parameters): {init_dir}")
 
   run_dir = os.path.join(out, "run")
   macros = {"DATA_DIR": data_dir, "INIT_CHECKPOINT": init_dir}
   killed = run_training(DEMO_GIN, run_dir, macros, kill_after=KILL_AFTER_STEP)
   saved = complete_checkpoints(run_dir)
   print(f"      training killed with SIGKILL (exit {killed}) with checkpoints {saved}; resuming")
-  if run_training(DEMO_GIN, run_dir, macros) != 0:
-    print(f"training failed: see {os.path.join(out, 'train.log')}", file=sys.stderr)
+  pretrained_dir = train_to_end(DEMO_GIN, run_dir, macros, "training")
+  if pretrained_dir is None:
     return 1
-  pretrained_dir = os.path.join(run_dir, "final_model")
-  print(f"[4/7] continual pre-training (log {os.path.join(out, 'train.log')}, TensorBoard "
+  print(f"[4/8] continual pre-training (log {os.path.join(out, 'train.log')}, TensorBoard "
         f"{os.path.join(run_dir, 'tensorboard')}): {pretrained_dir}")
 
   chat_run = os.path.join(out, "instruct_run")
-  if run_training(INSTRUCT_GIN, chat_run, {"INIT_CHECKPOINT": pretrained_dir}) != 0:
-    print(f"instruction tuning failed: see {os.path.join(out, 'train.log')}", file=sys.stderr)
+  chat_dir = train_to_end(INSTRUCT_GIN, chat_run, {"INIT_CHECKPOINT": pretrained_dir},
+                          "instruction tuning")
+  if chat_dir is None:
     return 1
-  chat_dir = os.path.join(chat_run, "final_model")
-  print(f"[5/7] LoRA instruction tuning (adapters {os.path.join(chat_run, 'adapters')}), "
+  print(f"[5/8] LoRA instruction tuning (adapters {os.path.join(chat_run, 'adapters')}), "
         f"merged: {chat_dir}")
 
   hf_dir = os.path.join(out, "hf_export")
   check = export_and_check(chat_dir, hf_dir, os.path.join(out, "reimported"), mesh)
-  print(f"[6/7] Hugging Face export ({check}): {hf_dir}")
+  print(f"[6/8] Hugging Face export ({check}): {hf_dir}")
 
-  print("[7/7] greedy generation with the KV cache:")
+  print("[7/8] greedy generation with the KV cache:")
   sampling = decode.SamplingConfig(max_new_tokens=args.max_new_tokens)
   for model_dir, prompts, template in ((pretrained_dir, DEMO_PROMPTS, None),
                                        (chat_dir, CHAT_PROMPTS, chat.DEFAULT_TEMPLATE)):
@@ -221,6 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                               mesh=mesh, rules=loaded.rules)
     for prompt, generated in zip(prompts, outputs):
       print(f"      {'chat ' if template else ''}{prompt!r} → {tok.decode(generated)!r}")
+
+  eval_dir = os.path.join(out, "eval")
+  if evaluate_on_mibe_samples(chat_dir, eval_dir, chat.DEFAULT_TEMPLATE,
+                              args.eval_max_new_tokens) != 0:
+    print(f"evaluation failed: see the log above and {eval_dir}", file=sys.stderr)
+    return 1
+  print(f"[8/8] medllama-eval of the tuned model on the MIBE and MMLU samples (chat template "
+        f"{chat.DEFAULT_TEMPLATE!r}): {os.path.join(eval_dir, 'results.md')}")
   logging.info("demo finished")
   print(f"\nEverything is under {out}. Try:\n"
         f"  medllama-generate --model {chat_dir} --chat --prompt 'What causes anemia?' --json\n"

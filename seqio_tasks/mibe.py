@@ -17,6 +17,7 @@ this module)::
   register_mibe_tasks.data_dir = "/data/mibe"
   register_mibe_tasks.vocabulary_path = %CHECKPOINT
   register_mibe_tasks.num_shots = (0, 5)
+  register_mibe_tasks.bertscore_model_dir = "/models/bert-base-multilingual-cased"  # else n/a
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import seqio
 import tensorflow as tf
 
 from medllama_jax.data.vocab import llama_vocabulary
-from medllama_jax.eval import datasets as mibe_datasets
+from medllama_jax.eval import datasets as mibe_datasets, metrics
 
 SPLIT = "test"
 DEFAULT_FEWSHOT_SEED = 1234
@@ -74,11 +75,13 @@ def _add_bos_to_inputs(dataset: tf.data.Dataset,
 
 def register_mibe_task(dataset: str, data_dir: str, vocabulary: seqio.Vocabulary,
                        num_shots: int = 0, prompt_variant: str = "release",
-                       fewshot_seed: int = DEFAULT_FEWSHOT_SEED) -> str:
+                       fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
+                       bertscore_model_dir: str | None = None) -> str:
   """Registers (or replaces) the Task of ``dataset`` with ``num_shots`` demonstrations.
 
   The files are checked now (a missing folder names the dataset and where to get it) and read when
-  the Task's dataset is built.
+  the Task's dataset is built. ``bertscore_model_dir``: the local encoder folder the summarisation
+  datasets' BERTScore is computed with (checked now; without it BERTScore is ``None``).
   """
   dataset_dir = os.path.join(data_dir, dataset)
   mibe_datasets.dataset_files(dataset, dataset_dir)
@@ -87,6 +90,8 @@ def register_mibe_task(dataset: str, data_dir: str, vocabulary: seqio.Vocabulary
   if prompt_variant not in mibe_datasets.PROMPT_VARIANTS:
     raise ValueError(f"prompt_variant must be one of {mibe_datasets.PROMPT_VARIANTS}, "
                      f"not {prompt_variant!r}")
+  if bertscore_model_dir is not None and mibe_datasets.computes_bertscore(dataset):
+    metrics.check_bertscore_encoder(bertscore_model_dir)
   info = MibeTask(dataset, num_shots, prompt_variant, fewshot_seed, dataset_dir)
   name = task_name(dataset, num_shots)
   seqio.TaskRegistry.remove(name)
@@ -99,7 +104,7 @@ def register_mibe_task(dataset: str, data_dir: str, vocabulary: seqio.Vocabulary
       output_features={key: seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)
                        for key in ("inputs", "targets")},
       postprocess_fn=mibe_datasets.postprocess,
-      metric_fns=mibe_datasets.metric_fns(dataset))
+      metric_fns=mibe_datasets.metric_fns(dataset, bertscore_model_dir))
   TASKS[name] = info
   return name
 
@@ -108,14 +113,17 @@ def register_mibe_task(dataset: str, data_dir: str, vocabulary: seqio.Vocabulary
 def register_mibe_tasks(data_dir: str = gin.REQUIRED, vocabulary_path: str = gin.REQUIRED,
                         datasets: Sequence[str] | None = None, num_shots: Sequence[int] = (0,),
                         prompt_variant: str = "release",
-                        fewshot_seed: int = DEFAULT_FEWSHOT_SEED) -> list[str]:
+                        fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
+                        bertscore_model_dir: str | None = None) -> list[str]:
   """Registers a Task per dataset and shot count; returns their names, dataset by dataset.
 
   ``datasets`` defaults to the 12 MIBE datasets (``"mmlu"`` may be added by name);
-  ``vocabulary_path``: LLaMA's ``tokenizer.model`` or a (model) folder holding it.
+  ``vocabulary_path``: LLaMA's ``tokenizer.model`` or a (model) folder holding it;
+  ``bertscore_model_dir``: see ``register_mibe_task``.
   """
   vocabulary = llama_vocabulary(vocabulary_path)
   names = mibe_datasets.MIBE_DATASETS if datasets is None else tuple(datasets)
-  return [register_mibe_task(dataset, data_dir, vocabulary, k, prompt_variant, fewshot_seed)
+  return [register_mibe_task(dataset, data_dir, vocabulary, k, prompt_variant, fewshot_seed,
+                             bertscore_model_dir)
           for dataset in names for k in num_shots]
 

@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import json  # noqa: E402
+import math  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -13,6 +14,9 @@ import transformers  # noqa: E402
 
 from medllama_jax import decode, demo, generate_cli, loading, partitioning  # noqa: E402
 from medllama_jax.convert import cli as convert_cli  # noqa: E402
+from medllama_jax.eval.datasets import MIBE_DATASETS  # noqa: E402
+from seqio_tasks.mibe import task_name  # noqa: E402
+from test_evaluator import expected_keys  # noqa: E402
 
 PROMPTS = ["The patient presented with", "Aspirin"]
 
@@ -49,6 +53,25 @@ def test_demo_trains_resumes_exports_and_reimports(demo_dir):
   ids = tok("Chest X-ray shows", return_tensors="pt").input_ids
   with torch.no_grad():
     assert model(ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_demo_evaluates_the_tuned_model_on_every_task(demo_dir):
+  """Step 8: medllama-eval on the shipped sample of the 12 MIBE datasets and MMLU; every metric of
+  every task is a finite number, except BERTScore (no encoder in the demo: None, "n/a")."""
+  results = json.loads((demo_dir / "eval" / "results.json").read_text())
+  names = [task_name(dataset, 0) for dataset in (*MIBE_DATASETS, "mmlu")]
+  assert results["task_names"] == names
+  assert results["model"] == str(demo_dir / "instruct_run" / "final_model")
+  table = (demo_dir / "eval" / "results.md").read_text()
+  for name in names:
+    metrics = results["tasks"][name]["metrics"]
+    assert set(metrics) == expected_keys(name), name
+    for key, value in metrics.items():
+      if key.endswith("/bert_score_f1"):
+        assert value is None, key
+      else:
+        assert isinstance(value, float) and math.isfinite(value), (name, key, value)
+    assert f"| {name} | release |" in table and f"| {name} | fixed |" in table
 
 
 @pytest.mark.parametrize("source", ["reimported", "hf_export"])

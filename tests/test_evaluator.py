@@ -75,6 +75,10 @@ def test_flags_run_writes_results_without_predictions(model_dir: str, tmp_path: 
       scoring, metric = key.rsplit("/", 1)
       assert f"| {name} | {scoring} |" in table and f" {metric} |" in table.splitlines()[2]
   assert "loglikelihood/acc" in results["tasks"]["mibe_pubmedqa_0shot"]["metrics"]
+  # No --bertscore_model: BERTScore is not computed, "n/a" in the table.
+  summary = results["tasks"]["mibe_mimic_cxr_0shot"]["metrics"]
+  assert summary["release/bert_score_f1"] is None and summary["fixed/bert_score_f1"] is None
+  assert "n/a" in table
   assert glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
   assert not (out / "predictions").exists()
 
@@ -122,3 +126,64 @@ def test_chat_template_wraps_the_task_prompt_as_one_user_turn(model_dir: str):
   decoded = vocabulary.decode(wrapped)
   assert decoded.startswith("Human:") and decoded.rstrip().endswith("Assistant:")
   assert "The answer is:" in decoded
+
+
+def write_tiny_bert(directory: Path, texts: list[str], num_layers: int) -> str:
+  """A random BERT encoder folder (``save_pretrained``) with a WordPiece vocabulary of the words of
+  ``texts``: what a local bert-base-multilingual-cased folder provides, at toy size."""
+  import re
+
+  import torch
+  import transformers
+
+  words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower())})
+  directory.mkdir()
+  (directory / "vocab.txt").write_text(
+      "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+  transformers.BertTokenizer(str(directory / "vocab.txt"),
+                             model_max_length=64).save_pretrained(str(directory))
+  torch.manual_seed(0)
+  config = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=16,
+                                   num_hidden_layers=num_layers, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=64)
+  transformers.BertModel(config).eval().save_pretrained(str(directory))
+  return str(directory)
+
+
+def test_bertscore_model_is_used_for_the_summarisation_tasks(model_dir: str, tmp_path: Path):
+  """--bertscore_model reaches both scorings of MIMIC-CXR: their bert_score_f1 equals
+  ``bert_score.score`` on the same predictions and targets with the same encoder and layer (1e-6)."""
+  import bert_score
+
+  from medllama_jax.eval import scorers
+
+  impressions = [json.loads(line)["impression"]
+                 for line in (FIXTURES / "mimic_cxr" / "test.jsonl").read_text().splitlines()]
+  encoder = write_tiny_bert(tmp_path / "encoder", impressions, scorers.BERTSCORE_NUM_LAYERS + 1)
+  out = tmp_path / "eval"
+  assert cli.main(["--model", model_dir, "--data_dir", str(FIXTURES), "--out", str(out),
+                   "--tasks", "mimic_cxr", "--max_new_tokens", "6", "--batch_size", "4",
+                   "--mesh", MESH, "--write_predictions", "--bertscore_model", encoder]) == 0
+  metrics = json.loads((out / "results.json").read_text())["tasks"]["mibe_mimic_cxr_0shot"][
+      "metrics"]
+  records = [json.loads(line) for line in
+             (out / "predictions" / "mibe_mimic_cxr_0shot.jsonl").read_text().splitlines()]
+  assert [r["target"] for r in records] == impressions
+  _, _, f1 = bert_score.score([r["prediction"] for r in records], impressions,
+                              model_type=encoder, num_layers=scorers.BERTSCORE_NUM_LAYERS)
+  for scoring in ("release", "fixed"):
+    assert isinstance(metrics[f"{scoring}/bert_score_f1"], float)
+    np.testing.assert_allclose(metrics[f"{scoring}/bert_score_f1"], float(f1.mean()), rtol=1e-6)
+
+
+def test_bertscore_model_folder_is_checked_before_evaluating(model_dir: str, tmp_path: Path):
+  with pytest.raises(FileNotFoundError, match=r"BERTScore encoder .*missing.*config.json"):
+    cli.main(["--model", model_dir, "--data_dir", str(FIXTURES), "--out", str(tmp_path / "e"),
+              "--tasks", "mimic_cxr", "--bertscore_model", str(tmp_path / "missing")])
+  (tmp_path / "unbounded").mkdir()
+  (tmp_path / "unbounded" / "config.json").write_text("{}")
+  (tmp_path / "unbounded" / "tokenizer_config.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"tokenizer_config.json: model_max_length is None"):
+    cli.main(["--model", model_dir, "--data_dir", str(FIXTURES), "--out", str(tmp_path / "e"),
+              "--tasks", "mimic_cxr", "--bertscore_model", str(tmp_path / "unbounded")])
+  assert not (tmp_path / "e").exists()

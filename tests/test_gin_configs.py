@@ -61,7 +61,7 @@ INCLUDED_FILES = [GIN_DIR / "pretrain_me_llama_common.gin"]
 
 def test_every_gin_file_is_covered_by_a_test():
   covered = (set(MODEL_FILES) | set(MESH_FILES) | set(RECIPE_FILES) | set(INCLUDED_FILES)
-             | set(INSTRUCT_RECIPE_FILES) | {EVAL_FILE})
+             | set(INSTRUCT_RECIPE_FILES) | {EVAL_FILE} | set(SUPERVISED_RECIPE_FILES))
   assert covered == set(GIN_DIR.rglob("*.gin"))
 
 
@@ -177,6 +177,8 @@ def test_eval_gin_registers_every_mibe_task_with_the_release_protocol(prepared):
                                    f"OUT_DIR = '{prepared / 'eval'}'"], [])
   bindings = gin.get_bindings("medllama_jax.eval.evaluator.evaluate")
   assert (bindings["max_new_tokens"], bindings["stop_sequences"]) == (256, ())
+  # No encoder folder by default: BERTScore is reported n/a.
+  assert gin.get_bindings("seqio_tasks.mibe.register_mibe_tasks")["bertscore_model_dir"] is None
   import seqio_tasks.mibe
 
   names = seqio_tasks.mibe.register_mibe_tasks()
@@ -184,3 +186,46 @@ def test_eval_gin_registers_every_mibe_task_with_the_release_protocol(prepared):
   for name in names:
     assert next(iter(seqio.get_mixture_or_task(name).get_dataset(None, split="test",
                                                                   shuffle=False)))["inputs"].shape[0]
+
+
+SUPERVISED_RECIPE_FILES = [GIN_DIR / "supervised_me_llama_13b.gin",
+                           GIN_DIR / "demo" / "supervised_demo.gin"]
+
+
+@pytest.mark.parametrize("path", SUPERVISED_RECIPE_FILES, ids=lambda p: p.stem)
+def test_supervised_recipe_builds_model_mesh_optimizer_and_mixture(path, instruct_prepared):
+  from medllama_jax import lora
+  from medllama_jax.train import cli
+  from medllama_jax.train import optimizer as optim
+
+  root, demo_recipe = instruct_prepared, "demo" in path.stem
+  data = demo.demo_data_path("mibe")
+  cli.parse_gin([str(path)], [f"OUT_DIR = '{root / 'supervised'}'",
+                              f"BASE_CHECKPOINT = '{root / 'model'}'", f"DATA_DIR = '{data}'"], [])
+  import seqio_tasks.supervised  # imported by the gin file itself
+
+  cfg = config.model_config()
+  params = partitioning.unbox(partitioning.abstract_params(Llama(cfg)))
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+  assert partitioning.make_mesh().devices.size == jax.device_count()
+  run = gin.get_bindings("medllama_jax.supervised.run_supervised")
+  assert (run["data_dir"], run["template"]) == (data, "medllama")
+  assert (run["epochs"], run["global_batch_size"]) == ((10.0, 8) if demo_recipe else (3.0, 128))
+  adapters = gin.query_parameter("medllama_jax.train.loop.train.lora").scoped_configurable_fn()
+  assert isinstance(adapters, lora.LoraConfig)
+  assert (adapters.rank, adapters.alpha) == ((8, 16.0) if demo_recipe else (16, 32.0))
+  warmup, peak = (0.1, 1e-2) if demo_recipe else (0.03, 1e-5)
+  _, schedule = optim.make_optimizer(total_steps=1000)
+  np.testing.assert_allclose(float(schedule(round(warmup * 1000))), peak, rtol=1e-6)
+  assert gin.get_bindings("medllama_jax.data.pipeline.make_data_iterator")["pack"] is False
+  evaluate = gin.get_bindings("medllama_jax.eval.evaluator.evaluate")
+  assert evaluate["max_new_tokens"] == (16 if demo_recipe else 256)
+  name = seqio_tasks.supervised.register_supervised_mixture(data_dir=data,
+                                                            vocabulary_path=str(root / "model"))
+  mixture = seqio.get_mixture_or_task(name)
+  assert sorted(t.name for t in mixture.tasks) == sorted(
+      seqio_tasks.supervised.task_name(d) for d in seqio_tasks.supervised.SUPERVISED_DATASETS)
+  if not demo_recipe:
+    assert cfg.dtype == "bfloat16"
+    assert gin.get_bindings("medllama_jax.train.loop.train")["sequence_length"] == 4096
+    assert (evaluate["stop_sequences"], evaluate["dtype"]) == ((), "bfloat16")

@@ -221,3 +221,52 @@ def test_init_checkpoint_parameters_are_the_starting_point(in_process_gin, tmp_p
   for name in start:
     np.testing.assert_array_equal(start[name], end[name], err_msg="/".join(name))
   assert result.step == 1 and result.final_model_dir
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_task_evaluation_in_training_equals_evaluate_on_the_final_model(in_process_gin, workspace,
+                                                                       tmp_path):
+  """MIBE's medqa sample every 2 of 3 steps on the parameters in memory (2×2×2 mesh): results at
+  steps 2 and 3 (the last), the scalars in metrics.jsonl, and at step 3 the same predictions and
+  metrics as ``evaluate`` run afterwards on the saved final model on the same mesh (greedy
+  generations equal token for token, metrics exactly, option log-likelihoods to 1e-6 relative)."""
+  import seqio_tasks.mibe  # noqa: F401  (gin configurables)
+  from medllama_jax.demo import demo_data_path
+  from medllama_jax.eval import evaluator
+
+  in_process_gin(total_steps=3, save_every=3, eval_every=0, task_eval="@TaskEvaluation()")
+  gin.parse_config([
+      "TaskEvaluation.task_names = @seqio_tasks.mibe.register_mibe_tasks()",
+      "TaskEvaluation.every = 2", "TaskEvaluation.max_new_tokens = 8",
+      "TaskEvaluation.batch_size = 4", "TaskEvaluation.write_predictions = True",
+      f"register_mibe_tasks.data_dir = '{demo_data_path('mibe')}'",
+      f"register_mibe_tasks.vocabulary_path = '{workspace / 'tokenizer'}'",
+      "register_mibe_tasks.datasets = ['medqa']"])
+  result = loop.train()
+  run = tmp_path / "run"
+  name = "mibe_medqa_0shot"
+  assert sorted(os.listdir(run / "task_eval")) == ["step_2", "step_3"]
+  for step in (2, 3):
+    assert f"| {name} | fixed |" in (run / "task_eval" / f"step_{step}" / "results.md").read_text()
+  during = json.loads((run / "task_eval" / "step_3" / "results.json").read_text())
+  metrics = during["tasks"][name]["metrics"]
+  assert "loglikelihood/acc" in metrics and "release/acc" in metrics
+  logged = [r for r in read_jsonl(str(run / "metrics.jsonl")) if r["split"] == "task_eval"]
+  assert [r["step"] for r in logged] == [2, 3]
+  assert logged[1] == {"step": 3, "split": "task_eval",
+                       **{f"{name}/{k}": v for k, v in metrics.items()}}
+
+  gin.clear_config()
+  after_dir = tmp_path / "after"
+  after = evaluator.evaluate(result.final_model_dir, [name], str(after_dir), max_new_tokens=8,
+                             batch_size=4, mesh="2,2,2", write_predictions=True)
+  assert after[name] == metrics
+  predicted = read_jsonl(str(run / "task_eval" / "step_3" / "predictions" / f"{name}.jsonl"))
+  expected = read_jsonl(str(after_dir / "predictions" / f"{name}.jsonl"))
+  assert [p["prediction"] for p in predicted] == [p["prediction"] for p in expected]
+  np.testing.assert_allclose([p["option_loglikelihoods"] for p in predicted],
+                             [p["option_loglikelihoods"] for p in expected], rtol=1e-6)

@@ -5,26 +5,42 @@
       [--max_new_tokens 256] [--batch_size 8] [--stop STRING ...] [--no_option_scoring]
       [--write_predictions] [--mesh data=1,fsdp=-1,tensor=1] [--dtype float32|bfloat16]
 
+  medllama-eval --api_base_url https://api.openai.com/v1 --api_model gpt-4-0613 \\
+      --tokenizer DIR --data_dir DIR --out DIR [--api_endpoint chat|completions] [--api_system TEXT]
+      [--api_key_env OPENAI_API_KEY] [--api_concurrency 4] [--api_max_retries 5] [--api_timeout 120]
+
   medllama-eval --gin_file=eval_mibe.gin --gin.CHECKPOINT=\\"DIR\\" --gin.DATA_DIR=\\"DIR\\" \\
       --gin.OUT_DIR=\\"DIR\\" [--write_predictions]
 
 ``--tasks`` names datasets (``medllama_jax/eval/datasets.py``; ``all`` stands for the 12 MIBE
 datasets, ``mmlu`` is the general-domain one); each is read from ``{data_dir}/{dataset}/`` and
-tokenized with the model folder's tokenizer. The gin form runs ``evaluator.evaluate`` as bound
+tokenized with the model folder's tokenizer. With ``--api_base_url`` the prompts' text goes to a
+served model instead (``medllama_jax/eval/api.py``; the key is read from the environment); the
+tasks still tokenize their prompts when registered, with ``--tokenizer`` (a LLaMA
+``tokenizer.model`` or a folder holding it; ``--model``'s by default), but nothing sent or scored
+depends on those ids. Answers are cached under ``{out}/api_cache/``: rerunning after a failure
+sends only the missing prompts. The gin form runs ``evaluator.evaluate`` as bound
 (``gin/eval_mibe.gin``); gin files are looked up as ``medllama-train`` looks them up.
+``--compare_to_paper MODEL`` (gin: ``write_results.paper_model``) adds the paper's published
+zero-shot numbers for MODEL (``medllama_jax/eval/paper.py``) beside ours, in the ``release`` rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
+import gin
+
 import seqio_tasks.mibe
 from medllama_jax import chat, logs, partitioning
-from medllama_jax.eval import evaluator
+from medllama_jax.eval import api, evaluator, paper
 from medllama_jax.eval.datasets import MIBE_DATASETS
 from medllama_jax.train.cli import parse_gin, split_gin_flags
+
+PAPER_MODEL_BINDING = "medllama_jax.eval.evaluator.write_results.paper_model"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +72,93 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--chat_template", choices=sorted(chat.TEMPLATES), default=None,
                       help="wrap prompts in this chat template (instruction-tuned models)")
   parser.add_argument("--adapters", default=None, help="LoRA adapter folder, run unmerged")
+  served = parser.add_argument_group("a model behind an OpenAI-compatible endpoint, instead of "
+                                     "--model")
+  served.add_argument("--api_base_url",
+                      help="up to the API version: https://api.openai.com/v1, http://HOST:PORT/v1")
+  served.add_argument("--api_model", help="the served model's name, e.g. gpt-4-0613")
+  served.add_argument("--api_key_env", default=api.DEFAULT_KEY_ENV,
+                      help="NAME of the environment variable that holds the API key")
+  served.add_argument("--api_endpoint", choices=api.ENDPOINTS, default="chat",
+                      help="chat: the prompt as the one user message; completions: the prompt "
+                           "text (with --chat_template, wrapped in it)")
+  served.add_argument("--api_system", default=None,
+                      help="a system message before each prompt (chat endpoint)")
+  served.add_argument("--api_concurrency", type=int, default=4, help="requests in flight at most")
+  served.add_argument("--api_max_retries", type=int, default=5,
+                      help="retries of a request after 408/429/5xx, timeouts, connection errors")
+  served.add_argument("--api_timeout", type=float, default=120.0, help="seconds per request")
+  served.add_argument("--tokenizer",
+                      help="LLaMA tokenizer.model (or a folder holding it) the tasks are "
+                           "registered with; --model's by default")
+  parser.add_argument("--compare_to_paper", choices=paper.MODELS, default=None, metavar="MODEL",
+                      help="put the paper's published Table 3 numbers for MODEL beside ours in "
+                           f"results.md/results.json; one of {', '.join(paper.MODELS)} (gin: "
+                           "write_results.paper_model)")
+  parser.add_argument("--bertscore_model", default=None, metavar="DIR",
+                      help="local encoder folder for the summarisation tasks' BERTScore (the "
+                           "release: bert-base-multilingual-cased, layer 9); without it n/a "
+                           "(gin: register_mibe_tasks.bertscore_model_dir)")
+  parser.add_argument("--length_bucket", type=int, default=evaluator.EvalSettings.length_bucket,
+                      help="pad prompts to a multiple of this many tokens: one compiled program "
+                           "per bucket, so larger means fewer compilations and more padding")
   return parser
+
+
+def _evaluate_api(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  names: Sequence[str]) -> int:
+  """Evaluates the served model on ``names``; an unreachable endpoint, a missing key or missing
+  answers end the run with status 1 and a message saying how to resume."""
+  if args.api_model is None:
+    parser.error("--api_base_url needs --api_model")
+  if args.chat_template is not None and args.api_endpoint == "chat":
+    parser.error("--chat_template is for --api_endpoint completions; a chat endpoint applies the "
+                 "served model's own template")
+  try:
+    settings = api.ApiSettings(args.api_base_url, args.api_model, args.api_endpoint,
+                               args.api_key_env, args.api_system, args.api_concurrency,
+                               args.api_max_retries, args.api_timeout)
+  except ValueError as e:
+    parser.error(str(e))
+  eval_settings = evaluator.EvalSettings(args.max_new_tokens, args.batch_size, tuple(args.stop),
+                                         not args.no_option_scoring,
+                                         chat_template=args.chat_template)
+  try:
+    backend = evaluator.ApiBackend(settings, os.path.join(args.out, "api_cache"))
+    evaluator.evaluate_model(backend, names, args.out, eval_settings, args.api_model,
+                             write_predictions=args.write_predictions)
+  except api.ApiError as e:
+    print(f"medllama-eval: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _vocabulary_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+  """A local model registers the tasks with its own tokenizer; an API run with --tokenizer."""
+  if args.api_base_url is None:
+    if args.tokenizer is not None:
+      parser.error("--tokenizer is for --api_base_url runs; a local model brings its own")
+    return args.model
+  if args.tokenizer is None and args.model is None:
+    parser.error("with --api_base_url, give --tokenizer (a LLaMA tokenizer.model or a folder "
+                 "holding it) to register the tasks with")
+  return args.tokenizer or args.model
+
+
+def _compare_to_paper(parser: argparse.ArgumentParser, model: str | None) -> None:
+  """Binds ``write_results.paper_model`` to ``model`` if given (over any gin file's binding), and
+  checks the model bound, if any, before the evaluation rather than after it."""
+  if model is not None:
+    with gin.unlock_config():
+      gin.bind_parameter(PAPER_MODEL_BINDING, model)
+  try:
+    bound = gin.query_parameter(PAPER_MODEL_BINDING)
+  except ValueError:  # not bound
+    return
+  try:
+    paper.check_model(bound)
+  except ValueError as e:
+    parser.error(str(e))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,22 +174,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   partitioning.initialize_distributed()
   if args.gin_file:
     parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_path)
+    _compare_to_paper(parser, args.compare_to_paper)
     evaluator.evaluate(**({"write_predictions": True} if args.write_predictions else {}))
     return 0
-  missing = [flag for flag in ("model", "data_dir", "out") if getattr(args, flag) is None]
+  required = ("data_dir", "out") if args.api_base_url else ("model", "data_dir", "out")
+  missing = [flag for flag in required if getattr(args, flag) is None]
   if missing:
     parser.error(f"without --gin_file, give {', '.join('--' + m for m in missing)}")
   datasets = [dataset for item in args.tasks.split(",")
               for dataset in (MIBE_DATASETS if item == "all" else (item,))]
   names = seqio_tasks.mibe.register_mibe_tasks(
-      args.data_dir, args.model, datasets=datasets,
+      args.data_dir, _vocabulary_path(parser, args), datasets=datasets,
       num_shots=[int(k) for k in args.num_shots.split(",")], prompt_variant=args.prompt_variant,
-      fewshot_seed=args.fewshot_seed)
+      fewshot_seed=args.fewshot_seed, bertscore_model_dir=args.bertscore_model)
+  _compare_to_paper(parser, args.compare_to_paper)
+  if args.api_base_url:
+    return _evaluate_api(parser, args, names)
   evaluator.evaluate(args.model, names, args.out, max_new_tokens=args.max_new_tokens,
                      batch_size=args.batch_size, stop_sequences=args.stop,
                      score_options=not args.no_option_scoring,
                      write_predictions=args.write_predictions, mesh=args.mesh, dtype=args.dtype,
-                     chat_template=args.chat_template, adapters=args.adapters)
+                     chat_template=args.chat_template, adapters=args.adapters,
+                     length_bucket=args.length_bucket)
   return 0
 
 

@@ -5,8 +5,10 @@ downloaded; most sets are credentialed). :data:`SPECS` says which files each fol
 turns one file into records (dicts) of canonical fields plus ``answer`` (the text the model should
 write, which is also what a few-shot demonstration shows) and ``gold`` (the reference in the format
 ``scorers.SCORERS[dataset]`` takes, JSON-serialisable). Files (evaluation set / few-shot pool)
-and formats; where the release's own preprocessed files are not public or not certain, the format
-is our choice, marked "ours":
+and formats. Seven sets are read in a layout ``scripts/prepare_mibe.py`` writes from the raw
+release (``medllama_jax/eval/raw/``, one converter per release format); the release's own
+preprocessed files are not public, so their record unit and preprocessing are our choices, marked
+"ours" and stated here:
 
 * ``pubmedqa``: ``test_set.json`` / ``train_set.json``, the output of PubMedQA's
   ``preprocess/split_dataset.py`` (PQA-L, 500 test questions): ``{pmid: {QUESTION, CONTEXTS,
@@ -16,34 +18,53 @@ is our choice, marked "ours":
 * ``medmcqa``: ``dev.json`` / ``train.json``, the official jsonl files ``{question, opa..opd,
   cop}`` with ``cop`` 1-4. The test set has no public answers, so dev is the evaluation set.
 * ``emrqa``: ``test.json`` / ``train.json``, SQuAD json (``data/paragraphs/qas``); the first answer
-  is the gold.
-* ``i2b2`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{tokens, tags}`` with BIO tags over
-  problem/treatment/test, one document or sentence a line, converted from the n2c2 2010
-  ``.txt``/``.con`` files.
-* ``ddi`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{sentence, label}`` with a label of
-  ``scorers.DDI_LABELS``.
-* ``hoc`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{text, labels: [...]}`` with labels of
-  ``scorers.HOC_LABELS``.
+  is the gold. From emrQA's generated ``data.json`` (ours): a paragraph per note, a question's
+  first paraphrase, its answers the note lines holding the answer (emrQA's ``evidence``: the
+  paper's SQuAD version).
+* ``i2b2``: ``test.jsonl`` / ``train.jsonl``, ``{tokens, tags}`` with BIO tags over
+  problem/treatment/test. From the n2c2 2010 ``.txt``/``.con`` files (ours): one record per
+  non-empty note line (the notes are one sentence a line), tokens split on whitespace as the
+  ``.con`` offsets count them.
+* ``ddi``: ``test.jsonl`` / ``train.jsonl``, ``{sentence, label}`` with a label of
+  ``scorers.DDI_LABELS``. From the DDI 2013 XML (ours): one record per candidate pair, the pair's
+  two mentions replaced by ``@DRUG$`` as the release's prompt describes its input.
+* ``hoc``: ``test.jsonl`` / ``train.jsonl``, ``{text, labels: [...]}`` with labels of
+  ``scorers.HOC_LABELS``; the answer joins them with ";" as the release's does. From the corpus'
+  per-sentence labels (ours): one record per abstract (the release's prompt asks about an
+  abstract), labelled with the top-level hallmarks of any of its sentences.
 * ``mtsample``: ``test.csv`` / ``train.csv``, a split of Kaggle's mtsamples.csv (its columns);
-  rows without a transcription are skipped.
+  rows without a transcription are skipped. The split (ours) is a seeded draw that keeps copies of
+  a transcription (MTSamples lists many under several specialties) on one side.
 * ``pubmed_summarization``: ``test.txt`` / ``train.txt``, Cohan et al. 2018's jsonl:
-  ``{article_text: [sentences], abstract_text: ["<S> ... </S>", ...]}``.
-* ``mimic_cxr`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{findings, impression}``.
-* ``bionli`` (ours): ``test.jsonl`` / ``train.jsonl``, ``{premise, hypothesis, label}``.
+  ``{article_text: [sentences], abstract_text: ["<S> ... </S>", ...]}``; the article is its
+  sentences joined by spaces (ours).
+* ``mimic_cxr``: ``test.jsonl`` / ``train.jsonl``, ``{findings, impression}``. From the report
+  tree (ours): the FINDINGS and IMPRESSION sections, whitespace collapsed; reports lacking either
+  are skipped.
+* ``bionli``: ``test.jsonl`` / ``train.jsonl``, ``{premise, hypothesis, label}``. From BioNLI's
+  CSV files (ours): ``supp_set`` / ``conclusion``, labels ``entailment`` or ``contradiction``
+  (BioNLI is two-way).
 * ``mednli``: ``mli_test_v1.jsonl`` / ``mli_train_v1.jsonl``, ``{sentence1, sentence2,
   gold_label}``.
 * ``mmlu``: ``test/*_test.csv`` / ``dev/*_dev.csv``, Hendrycks et al.'s CSVs without a header
   (question, A, B, C, D, answer).
 
-Prompts: the ``release`` variant is the text of the Me-LLaMA release's evaluation harness (an
-lm-evaluation-harness 0.3.0 fork) where it was published; the i2b2 and BioNLI templates were never
-released and are ours, in the same style. ``fixed`` is the same text with two typos of the release
-mended (emrQA's "Question" without a colon, MIMIC-CXR's indentation inside the prompt). k-shot
-prompts put k demonstrations (prompt and answer) from the few-shot pool before the prompt, separated
-by a blank line; each test example draws its own k with a seed of (``seed``, its index), so a prompt
-does not depend on which other examples are evaluated. MMLU is the general-domain task of the
-forgetting study; it is scored as MedMCQA (four option letters), its shots come from the dev CSVs of
-all subjects.
+Prompts: the ``release`` variant is the release's text. Its evaluation harness (an
+lm-evaluation-harness 0.3.0 fork) reads each example's ``query``, which the release's
+``src/preprocess_instruct.py`` (BIDS-Xu-Lab/Me-LLaMA) builds from one template per dataset; the
+PubMedQA, MedQA, MedMCQA (Meditron's instruction), emrQA, DDI, HoC, MTSample, PubMed
+summarization, MedNLI and MIMIC-CXR templates here are those, character for character, less the
+line break at the very start of a template string (MedNLI, emrQA, MTSample) and the one at its very
+end (all but MIMIC-CXR's, which ends in indentation, kept). The i2b2 and BioNLI templates are
+not in the release and are ours, in the same style (BioNLI's is MedNLI's). ``fixed`` is the same
+text with three flaws of the release mended (emrQA's "Question" without a colon; the indented
+"###/INPUT/OUTPUT" lines of MIMIC-CXR and HoC). k-shot prompts put k demonstrations (prompt and
+answer) from the few-shot pool before the prompt, separated by a blank line; each test example
+draws its own k with a seed of (``seed``, its index), so a prompt does not depend on which other
+examples are evaluated. MMLU is the general-domain task of the forgetting study; it is scored as
+MedMCQA (four option letters), its shots come from the dev CSVs of all subjects; its prompt is
+Hendrycks et al.'s zero-shot format, not the release's own MMLU template (which asks for an
+option index 0-3).
 """
 
 from __future__ import annotations
@@ -51,6 +72,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import inspect
 import json
 import os
 import random
@@ -122,7 +144,8 @@ def _read_ddi(path: str) -> list[Record]:
 
 
 def _read_hoc(path: str) -> list[Record]:
-  return [{"text": row["text"], "answer": ", ".join(row["labels"]), "gold": list(row["labels"])}
+  """The answer is the release's: the hallmarks joined by ";" (no spaces)."""
+  return [{"text": row["text"], "answer": ";".join(row["labels"]), "gold": list(row["labels"])}
           for row in _read_jsonl(path)]
 
 
@@ -178,8 +201,7 @@ _MEDQA_INSTRUCTION = (
     "to apply the knowledge essential for medical practice. For the following multiple-choice "
     "question, select one correct answer from A to E. Base your answer on the current and "
     "standard practices referenced in medical guidelines.")
-# CHECK against the release: written by analogy with MedQA's, from its published first sentence and
-# "select one correct answer from A to D".
+# Meditron's MedMCQA instruction, which the release's MedMCQA template uses verbatim.
 _MEDMCQA_INSTRUCTION = (
     "You are a medical doctor answering realworld medical entrance exam questions. Based on your "
     "understanding of basic and clinical science, medical knowledge, and mechanisms underlying "
@@ -251,22 +273,55 @@ def _mmlu_prompt(r: Record, variant: str) -> str:
           f"{r['question']}\n{_lettered(r['options'])}\nAnswer:")
 
 
-# CHECK against the release: the DDI, HoC, MTSample and PubMed templates follow its
-# TASK/INPUT/OUTPUT layout and label lists; their exact wording is not in the published code.
-_DDI_PROMPT = _task_prompt(
-    "Given a sentence from biomedical literature that mentions two drugs, classify the "
-    f"drug-drug interaction it describes into one of the following labels: "
-    f"{', '.join(scorers.DDI_LABELS)}. Return only the label.", "sentence")
-_HOC_PROMPT = _task_prompt(
-    "Given a sentence from a cancer research abstract, return the hallmarks of cancer it refers "
-    f"to, from the following labels: {', '.join(scorers.HOC_LABELS)}. Return only the labels, "
-    "separated by commas.", "text")
-_MTSAMPLE_PROMPT = _task_prompt(
-    "Given a medical transcription, classify it into one of the following medical specialties: "
-    f"{', '.join(scorers.MTSAMPLE_SPECIALTIES)}. Return only the specialty.", "transcription")
-_PUBMED_PROMPT = _task_prompt(
-    "Given a biomedical research article, write its abstract: a concise summary of its "
-    "background, methods, results and conclusions.", "article")
+_DDI_TASK = (
+    "The input is a sentence where the drug is labeled as @DRUG$. Extract the relationship "
+    "between 2 @DRUG$ from the input sentence by selecting only one of the following options: "
+    "'DDI-effect', 'DDI-mechanism', 'DDI-advise', 'DDI-false', and 'DDI-int'.\n"
+    "DDI-effect, this type is used to annotate DDIs describing an effect or a pharmacodynamic "
+    "mechanism\n"
+    "DDI-mechanism, this type is used to annotate DDIs that are described by their "
+    "pharmacokinetic mechanism\n"
+    "DDI-advise, this type is used when a recommendation or advice regarding a drug interaction "
+    "is given\n"
+    "DDI-false, this type is used when no DDI relation appears\n"
+    "DDI-int, this type is used when a DDI appears in the text without providing any additional "
+    "information")
+_HOC_TASK = (
+    "The task is to decide the Hallmarks of Cancer (HOC) taxonomy of the article based on its "
+    "abstract. The input is an abstract text. There are 10 topics you will need to decide whether "
+    f"the article is related to. Topics: {', '.join(scorers.HOC_LABELS)}. The output should be "
+    "topics from the above 10 topics, that are related to the input article. Please note one "
+    "article can be related to multiple topics. Output format: provide a semicolon-separated list "
+    "of relevant topics.")
+_QUOTED_SPECIALTIES = ", ".join(f"'{name}'" for name in scorers.MTSAMPLE_SPECIALTIES)
+_MTSAMPLE_TASK = (
+    "The task is to determine the medical specialty or domain that a medical transcription "
+    "belongs to. The input is a medical transcription. There are 40 medical specialties or domains "
+    "and you need to decide which one is the transcription related to. The medical specialties or "
+    f"domains are: {_QUOTED_SPECIALTIES}. The output should "
+    "be only one medical specialty or domain from the above 40 specialties or domains, that is "
+    "most relevant to the medical transcription. Please note that each medical transcript can only "
+    "be related to one medical specialty or domain. Output format: provide the name of the medical "
+    "specialty or domain.")
+_PUBMED_TASK = (
+    "***TASK***\nthe task is to summarize an input biomedical literature in six sentences\n\n"
+    "***INPUT***\nthe input is a biomedical literature\n\n"
+    "***OUTPUT***\nthe output is the summary of an input biomedical literature in six sentences"
+    "\n\n***DOCUMENTATION***\n\n***EXAMPLES***\n\n")
+_DDI_PROMPT = _task_prompt(_DDI_TASK, "sentence")
+_MTSAMPLE_PROMPT = _task_prompt(_MTSAMPLE_TASK, "transcription")
+
+
+def _hoc_prompt(r: Record, variant: str) -> str:
+  """The release indents the "###/INPUT/OUTPUT" lines of this one template; ``fixed`` does not."""
+  indent = "    " if variant == "release" else ""
+  return f"{_HOC_TASK}\n{indent}###\n{indent}INPUT: {r['text']}\n{indent}OUTPUT:"
+
+
+def _pubmed_prompt(r: Record, variant: str) -> str:
+  return f"{_PUBMED_TASK}Input: {r['article']}\nOutput:"
+
+
 _BIONLI_PROMPT = _nli_prompt  # Ours: MedNLI's template (the release published none for BioNLI).
 
 
@@ -308,27 +363,33 @@ SPECS: Mapping[str, DatasetSpec] = types.MappingProxyType({
         "dev.json", "train.json", _read_medmcqa, _exam_prompt(_MEDMCQA_INSTRUCTION), "medmcqa",
         "https://medmcqa.github.io", scorers.MEDMCQA_OPTIONS),
     "emrqa": DatasetSpec("test.json", "train.json", _read_emrqa, _emrqa_prompt, "emrqa",
-                         f"emrQA ({_CREDENTIALED}), converted to SQuAD json"),
+                         f"emrQA ({_CREDENTIALED}; generate data.json with emrQA's scripts), "
+                         "then scripts/prepare_mibe.py emrqa"),
     "i2b2": DatasetSpec("test.jsonl", "train.jsonl", _read_i2b2, _i2b2_prompt, "i2b2",
-                        f"i2b2 2010 concepts ({_CREDENTIALED}), .con files converted to BIO jsonl"),
+                        f"the i2b2 2010 concept data ({_CREDENTIALED}), then "
+                        "scripts/prepare_mibe.py i2b2"),
     "ddi": DatasetSpec("test.jsonl", "train.jsonl", _read_ddi, _DDI_PROMPT, "ddi",
                        "the DDI 2013 corpus (DDI Extraction 2013, https://github.com/isegura/"
-                       "DDICorpus), one jsonl line per drug pair", scorers.DDI_LABELS),
-    "hoc": DatasetSpec("test.jsonl", "train.jsonl", _read_hoc, _HOC_PROMPT, "hoc",
+                       "DDICorpus), then scripts/prepare_mibe.py ddi", scorers.DDI_LABELS),
+    "hoc": DatasetSpec("test.jsonl", "train.jsonl", _read_hoc, _hoc_prompt, "hoc",
                        "the Hallmarks of Cancer corpus (Baker et al. 2016, "
-                       "https://github.com/sb895/Hallmarks-of-Cancer)"),
+                       "https://github.com/sb895/Hallmarks-of-Cancer), then "
+                       "scripts/prepare_mibe.py hoc"),
     "mtsample": DatasetSpec("test.csv", "train.csv", _read_mtsample, _MTSAMPLE_PROMPT, "mtsample",
-                            "MTSamples, Kaggle's mtsamples.csv (split into test.csv/train.csv)",
+                            "MTSamples, Kaggle's mtsamples.csv, then scripts/prepare_mibe.py "
+                            "mtsample",
                             scorers.MTSAMPLE_SPECIALTIES),
     "pubmed_summarization": DatasetSpec(
-        "test.txt", "train.txt", _read_pubmed_summarization, _PUBMED_PROMPT, "pubmed_summarization",
+        "test.txt", "train.txt", _read_pubmed_summarization, _pubmed_prompt,
+        "pubmed_summarization",
         "the PubMed summarization set of Cohan et al. 2018, https://github.com/armancohan/"
         "long-summarization"),
     "mimic_cxr": DatasetSpec("test.jsonl", "train.jsonl", _read_mimic_cxr, _mimic_cxr_prompt,
-                             "mimic_cxr", f"MIMIC-CXR reports ({_CREDENTIALED}), findings and "
-                             "impression sections extracted to jsonl"),
+                             "mimic_cxr", f"MIMIC-CXR reports ({_CREDENTIALED}), then "
+                             "scripts/prepare_mibe.py mimic_cxr"),
     "bionli": DatasetSpec("test.jsonl", "train.jsonl", _read_bionli, _BIONLI_PROMPT, "bionli",
-                          "BioNLI (Bastan et al. 2022, https://github.com/StonyBrookNLP/BioNLI)",
+                          "BioNLI (Bastan et al. 2022, https://github.com/StonyBrookNLP/BioNLI), "
+                          "then scripts/prepare_mibe.py bionli",
                           scorers.NLI_LABELS),
     "mednli": DatasetSpec("mli_test_v1.jsonl", "mli_train_v1.jsonl", _read_mednli, _nli_prompt,
                           "mednli", f"MedNLI ({_CREDENTIALED})", scorers.NLI_LABELS),
@@ -418,12 +479,16 @@ def postprocess(output: str | bytes, example: Mapping[str, Any] | None = None,
 
 @dataclasses.dataclass(frozen=True)
 class GeneratedTextMetric:
-  """A scorer over generated text, its keys prefixed ``{variant}/`` so variants do not collide."""
+  """A scorer over generated text, its keys prefixed ``{variant}/`` so variants do not collide.
+  ``bertscore_model_dir``: the local encoder folder of a scorer that computes BERTScore."""
   scorer: str
   variant: str
+  bertscore_model_dir: str | None = None
 
   def __call__(self, targets: Sequence[Any], predictions: Sequence[str]) -> dict[str, Any]:
-    scores = scorers.SCORERS[self.scorer](targets, predictions, self.variant)
+    encoder = ({} if self.bertscore_model_dir is None
+               else {"bertscore_model_dir": self.bertscore_model_dir})
+    scores = scorers.SCORERS[self.scorer](targets, predictions, self.variant, **encoder)
     return {f"{self.variant}/{key}": value for key, value in scores.items()}
 
 
@@ -438,10 +503,22 @@ class OptionRankingMetric:
     return {f"loglikelihood/{k}": v for k, v in metrics.loglikelihood_choice(scores, gold).items()}
 
 
-def metric_fns(dataset: str) -> list[Callable[..., dict[str, Any]]]:
-  """The release and fixed scorers, and option ranking for a multiple-choice dataset."""
+def computes_bertscore(dataset: str) -> bool:
+  """Whether the dataset's scorer reports BERTScore (it then takes ``bertscore_model_dir``)."""
+  scorer = scorers.SCORERS[get_spec(dataset).scorer]
+  return "bertscore_model_dir" in inspect.signature(scorer).parameters
+
+
+def metric_fns(dataset: str,
+               bertscore_model_dir: str | None = None) -> list[Callable[..., dict[str, Any]]]:
+  """The release and fixed scorers, and option ranking for a multiple-choice dataset.
+
+  ``bertscore_model_dir`` (a local encoder folder) reaches the scorers that compute BERTScore (the
+  summarisation datasets; the others have none); without it BERTScore is reported as ``None``.
+  """
   spec = get_spec(dataset)
-  fns: list[Callable[..., dict[str, Any]]] = [GeneratedTextMetric(spec.scorer, variant)
+  encoder = bertscore_model_dir if computes_bertscore(dataset) else None
+  fns: list[Callable[..., dict[str, Any]]] = [GeneratedTextMetric(spec.scorer, variant, encoder)
                                               for variant in scorers.VARIANTS]
   if spec.options:
     fns.append(OptionRankingMetric(spec.options))

@@ -12,6 +12,9 @@ is scorers.py's job: everything here takes those already parsed.
 from __future__ import annotations
 
 import collections
+import importlib.util
+import json
+import os
 import re
 import string
 from collections.abc import Collection, Hashable, Sequence
@@ -194,15 +197,51 @@ def rouge(targets: Sequence[str], predictions: Sequence[str], *,
           for name, column in zip(ROUGE_TYPES, fmeasures.T)}
 
 
+# Longer than any encoder's context: what transformers puts when a tokenizer folder sets no limit.
+_UNBOUNDED_LENGTH = 10**9
+
+
+def check_bertscore_encoder(model_dir: str) -> None:
+  """Raises, naming the file or field, unless ``model_dir`` is an encoder folder BERTScore can use.
+
+  ``bert_score`` takes a model name or a folder; a name that is not a folder would be fetched from
+  the Hugging Face Hub, so only existing folders are accepted. It also cuts inputs to the
+  tokenizer's ``model_max_length``, which must therefore be set (transformers leaves it unbounded
+  otherwise, and the fast tokenizer then overflows); and it picks the model class from the name
+  (T5 when it contains "t5", SciBERT when it starts with "scibert").
+  """
+  if importlib.util.find_spec("bert_score") is None:
+    raise ImportError("BERTScore needs the bert-score package: pip install "
+                      "'medllama-jax[bertscore]' (or leave the encoder folder unset)")
+  config = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(config):
+    raise FileNotFoundError(f"BERTScore encoder {model_dir}: no {config}; give a local folder "
+                            "(save_pretrained of a BERT-like model and its tokenizer)")
+  if "t5" in model_dir or os.path.basename(model_dir).startswith("scibert"):
+    raise ValueError(f"BERTScore encoder {model_dir}: bert_score would load a folder whose path "
+                     "contains 't5' (or starts with 'scibert') as T5/SciBERT; move or link it")
+  tokenizer_config = os.path.join(model_dir, "tokenizer_config.json")
+  limit = None
+  if os.path.isfile(tokenizer_config):
+    with open(tokenizer_config, encoding="utf-8") as f:
+      limit = json.load(f).get("model_max_length")
+  if not isinstance(limit, int) or not 0 < limit < _UNBOUNDED_LENGTH:
+    raise ValueError(f"{tokenizer_config}: model_max_length is {limit!r}; set it to the encoder's "
+                     "context (512 for BERT) so bert_score can cut long texts")
+
+
 def bertscore_f1(targets: Sequence[str], predictions: Sequence[str], *, model_dir: str,
                  num_layers: int) -> float:
-  """Mean BERTScore F1 with the encoder in the local folder ``model_dir`` (nothing is downloaded).
+  """Mean BERTScore F1 with the encoder in the local folder ``model_dir`` (nothing is downloaded):
+  ``bert_score.score`` with the embeddings of layer ``num_layers``, no idf weighting, no baseline
+  rescaling.
 
   Needs the optional ``bert_score`` package. The release used ``bert-base-multilingual-cased``,
   whose default layer in bert_score is 9.
   """
   _check_lengths(targets, predictions)
-  import bert_score  # Optional: only when a local model is given.
+  check_bertscore_encoder(model_dir)
+  import bert_score
 
   _, _, f1_scores = bert_score.score(list(predictions), list(targets), model_type=model_dir,
                                      num_layers=num_layers)

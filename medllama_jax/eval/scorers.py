@@ -36,7 +36,8 @@ PUBMEDQA_LABELS = ("yes", "no", "maybe")
 MEDQA_OPTIONS = ("A", "B", "C", "D", "E")
 MEDMCQA_OPTIONS = MEDQA_OPTIONS[:4]
 NLI_LABELS = ("entailment", "contradiction", "neutral")
-DDI_LABELS = ("DDI-effect", "DDI-mechanism", "DDI-advise", "DDI-int", "DDI-false")
+# DDI and HoC labels in the release's ``choices`` order (src/preprocess_instruct.py).
+DDI_LABELS = ("DDI-effect", "DDI-mechanism", "DDI-advise", "DDI-false", "DDI-int")
 HOC_LABELS = (
     "sustaining proliferative signaling",
     "evading growth suppressors",
@@ -49,52 +50,23 @@ HOC_LABELS = (
     "cellular energetics",
     "avoiding immune destruction",
 )
-# The 40 specialties of MTSamples (mtsamples.com / Kaggle "medical_specialty"), most frequent first.
-# CHECK: the release parser takes the first choice that is a substring of the output, so this ORDER
-# changes release scores. The exact order is the ``choices`` field of the release's test data
-# (YBXL/MTSample_test) and must be checked there and pasted here. With this order "Surgery" precedes
-# "Neurosurgery" and "Cosmetic / Plastic Surgery", so the release reads both as "Surgery".
+# The 40 specialties of MTSamples (Kaggle's "medical_specialty", stripped) in the release's order:
+# the ``choices`` of its MTSample task (``MTSample.choices`` in src/preprocess_instruct.py of
+# BIDS-Xu-Lab/Me-LLaMA, which built the evaluation set), also the order its prompt lists them in.
+# The release parser takes the first choice that is a substring of the output, so this order
+# decides release scores: "Surgery" comes first, so an exact "Neurosurgery" or "Cosmetic / Plastic
+# Surgery" is read as "Surgery".
 MTSAMPLE_SPECIALTIES = (
-    "Surgery",
-    "Consult - History and Phy.",
-    "Cardiovascular / Pulmonary",
-    "Orthopedic",
-    "Radiology",
-    "General Medicine",
-    "Gastroenterology",
-    "Neurology",
-    "SOAP / Chart / Progress Notes",
+    "Surgery", "Allergy / Immunology", "Sleep Medicine", "Pediatrics - Neonatal",
+    "SOAP / Chart / Progress Notes", "Bariatrics", "Pain Management", "Lab Medicine - Pathology",
+    "Dermatology", "Orthopedic", "Dentistry", "Psychiatry / Psychology", "General Medicine",
+    "Office Notes", "Letters", "Neurosurgery", "Radiology", "Cosmetic / Plastic Surgery",
+    "Nephrology", "Diets and Nutritions", "Chiropractic", "Gastroenterology",
+    "Cardiovascular / Pulmonary", "Speech - Language", "Hospice - Palliative Care", "Autopsy",
+    "Endocrinology", "Emergency Room Reports", "Discharge Summary", "ENT - Otolaryngology",
+    "Urology", "Physical Medicine - Rehab", "Neurology", "Podiatry", "Ophthalmology",
+    "Rheumatology", "IME-QME-Work Comp etc.", "Hematology - Oncology", "Consult - History and Phy.",
     "Obstetrics / Gynecology",
-    "Urology",
-    "Discharge Summary",
-    "ENT - Otolaryngology",
-    "Neurosurgery",
-    "Hematology - Oncology",
-    "Ophthalmology",
-    "Nephrology",
-    "Emergency Room Reports",
-    "Pediatrics - Neonatal",
-    "Pain Management",
-    "Psychiatry / Psychology",
-    "Office Notes",
-    "Podiatry",
-    "Dermatology",
-    "Dentistry",
-    "Cosmetic / Plastic Surgery",
-    "Letters",
-    "Physical Medicine - Rehab",
-    "Sleep Medicine",
-    "Endocrinology",
-    "Bariatrics",
-    "IME-QME-Work Comp etc.",
-    "Chiropractic",
-    "Diets and Nutritions",
-    "Rheumatology",
-    "Speech - Language",
-    "Autopsy",
-    "Lab Medicine - Pathology",
-    "Allergy / Immunology",
-    "Hospice - Palliative Care",
 )
 NER_CLASSES = ("problem", "treatment", "test")
 # The release also accepts a "drug" class; i2b2 2010 gold has none, so it is a false positive.

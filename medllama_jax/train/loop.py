@@ -9,7 +9,8 @@ streams batches of a seqio task or mixture, and runs the sharded train step unti
   optimizer, or random parameters.
 * Every ``log_every`` steps: loss, perplexity, learning rate, gradient norm, tokens/s, step time and
   MFU (accelerators with a known peak) go to the log, to TensorBoard (``run_dir/tensorboard``) and to
-  ``run_dir/metrics.jsonl``; every ``eval_every`` steps the loss on a held-out split.
+  ``run_dir/metrics.jsonl``; every ``eval_every`` steps the loss on a held-out split, and with
+  ``task_eval`` (``task_eval.py``) MIBE tasks run on the parameters in memory every N steps.
 * A step whose loss or gradient is not finite never changes the state (see ``step.py``): the run stops
   with an error naming the step (``on_non_finite="stop"``) or skips that batch (``"skip"``), so a NaN
   never reaches a checkpoint.
@@ -31,16 +32,18 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
 import gin
 import jax
 import numpy as np
+import optax
 from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from medllama_jax import loading, lora as lora_lib, partitioning
 from medllama_jax.config import RUNTIME_FIELDS, LlamaConfig, model_config
@@ -48,6 +51,7 @@ from medllama_jax.data import pipeline
 from medllama_jax.lora import LoraConfig
 from medllama_jax.model import Llama
 from medllama_jax.train import checkpoints, optimizer as optim, step as train_step, throughput
+from medllama_jax.train.task_eval import TaskEvaluation
 
 NON_FINITE_POLICIES = ("stop", "skip")
 
@@ -224,29 +228,31 @@ def _evaluate(eval_fn, params, batches: Iterator[dict[str, np.ndarray]], num_bat
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": weight_sum}
 
 
-@gin.configurable
-def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_length: int = 4096,
-          global_batch_size: int = 8, total_steps: int = 1000, num_microbatches: int = 1,
-          init_checkpoint: str | None = None, tokenizer_dir: str | None = None, seed: int = 0,
-          save_every: int = 1000, keep_checkpoints: int = 3, async_checkpoints: bool = True,
-          log_every: int = 10, eval_every: int = 0, eval_batches: int = 10,
-          eval_split: str = "validation", on_non_finite: str = "stop",
-          max_consecutive_skips: int = 20, z_loss: float = 0.0,
-          lora: LoraConfig | None = None) -> TrainResult:
-  """Trains the gin-configured model on ``mixture`` (a registered seqio task or mixture name).
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What ``_setup`` builds from gin for one run: the mesh, the model and optimizer, the data
+  stream, the checkpoints, and the frozen LoRA base (``None`` when the whole model trains)."""
+  run_dir: str
+  mesh: Mesh
+  rules: partitioning.LogicalRules
+  config: LlamaConfig
+  export_config: LlamaConfig
+  model: Llama
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: train_step.TrainState
+  data: pipeline.DataIterator
+  ckpts: checkpoints.RunCheckpoints
+  frozen: Any | None
 
-  ``global_batch_size`` rows of ``sequence_length`` tokens per step, accumulated over
-  ``num_microbatches``. With ``on_non_finite="skip"``, more than ``max_consecutive_skips``
-  non-finite steps in a row stop the run all the same. ``tokenizer_dir`` (default:
-  ``init_checkpoint``) supplies the tokenizer files copied into the final model folder. The gin bindings in force are written to
-  ``run_dir/config.gin`` at the start, the operative ones (every value actually used) to
-  ``run_dir/operative_config.gin`` after the first step. ``lora`` trains LoRA adapters of
-  ``init_checkpoint`` (then required) instead of the whole model.
-  """
-  if on_non_finite not in NON_FINITE_POLICIES:
-    raise ValueError(f"on_non_finite={on_non_finite!r} is not one of {NON_FINITE_POLICIES}")
-  if lora is not None and init_checkpoint is None:
-    raise ValueError("LoRA training needs init_checkpoint: the base model the adapters adapt")
+
+# A periodic evaluation: ``(step, trained params) -> None``, writing its own results and scalars.
+Evaluation = Callable[[int, Any], None]
+
+
+def _setup(run_dir: str, mixture: str, sequence_length: int, global_batch_size: int,
+           total_steps: int, seed: int, init_checkpoint: str | None, lora: LoraConfig | None,
+           save_every: int, keep_checkpoints: int, async_checkpoints: bool) -> _Run:
   os.makedirs(run_dir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(run_dir, "config.gin"), "w") as f:
@@ -255,10 +261,6 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
   config = model_config()
   model = Llama(config, lora=lora)
   tx, schedule = optim.make_optimizer(total_steps=total_steps)
-  state_shardings = train_step.train_state_shardings(model, tx, mesh, rules)
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      partitioning.unbox(train_step.abstract_train_state(model, tx)), state_shardings)
   data = pipeline.make_data_iterator(mixture, sequence_length, global_batch_size, split="train",
                                      seed=seed)
   ckpts = checkpoints.RunCheckpoints(os.path.join(run_dir, "checkpoints"), save_every,
@@ -266,85 +268,178 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
   # The frozen LoRA base is never part of a run checkpoint: every start reads it again.
   frozen = None if lora is None else _initial_params(Llama(config), init_checkpoint, mesh, rules,
                                                       seed)
-  latest = ckpts.latest_step()
+  return _Run(run_dir, mesh, rules, config, _export_config(config, init_checkpoint), model, tx,
+              schedule, train_step.train_state_shardings(model, tx, mesh, rules), data, ckpts,
+              frozen)
+
+
+def _start(run: _Run, init_checkpoint: str | None, seed: int) -> tuple[train_step.TrainState, int]:
+  """The state to train from, and how many steps were skipped so far: the latest complete
+  checkpoint's, or fresh (``init_checkpoint``'s or random parameters; fresh LoRA adapters)."""
+  latest = run.ckpts.latest_step()
   if latest is not None:
-    state, meta = ckpts.restore(latest, abstract_state, data)
-    skipped = int(meta.get("skipped_steps", 0))
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        partitioning.unbox(train_step.abstract_train_state(run.model, run.tx)),
+        run.state_shardings)
+    state, meta = run.ckpts.restore(latest, abstract_state, run.data)
     logging.info("resuming at step %d", latest)
+    return state, int(meta.get("skipped_steps", 0))
+  if run.frozen is None:
+    params = _initial_params(run.model, init_checkpoint, run.mesh, run.rules, seed)
   else:
-    if lora is None:
-      params = _initial_params(model, init_checkpoint, mesh, rules, seed)
-    else:
-      params = lora_lib.init_adapters(model, mesh, rules, jax.random.key(seed))
-    state = train_step.init_train_state(params, tx, state_shardings)
-    skipped = 0
-  step_fn = train_step.jit_train_step(
-      train_step.make_train_step(model, tx, num_microbatches, z_loss, dropout_seed=seed),
-      state_shardings, mesh, rules, frozen)
-  eval_fn = _make_eval_fn(model, state_shardings, mesh, rules, frozen) if eval_every else None
-  log = _MetricsLog(run_dir, config, sequence_length, total_steps, schedule, mesh.devices.size)
-  batch_tokens = global_batch_size * sequence_length
+    params = lora_lib.init_adapters(run.model, run.mesh, run.rules, jax.random.key(seed))
+  return train_step.init_train_state(params, run.tx, run.state_shardings), 0
+
+
+def _loss_evaluation(run: _Run, log: _MetricsLog, mixture: str, sequence_length: int,
+                     global_batch_size: int, split: str, seed: int, num_batches: int) -> Evaluation:
+  """The loss and perplexity on the first ``num_batches`` of ``split``, as scalars ``eval/*``."""
+  eval_fn = _make_eval_fn(run.model, run.state_shardings, run.mesh, run.rules, run.frozen)
+
+  def evaluate(step: int, params: Any) -> None:
+    data = pipeline.make_data_iterator(mixture, sequence_length, global_batch_size, split=split,
+                                       seed=seed, shuffle=False)
+    evaluated = _evaluate(eval_fn, params, data, num_batches, run.mesh, run.rules)
+    log.write(step, evaluated, "eval")
+    logging.info("step %d eval loss %.4f ppl %.2f", step, evaluated["loss"],
+                 evaluated["perplexity"])
+
+  return evaluate
+
+
+def _task_evaluation(run: _Run, log: _MetricsLog, task_eval: TaskEvaluation) -> Evaluation:
+  """``task_eval`` on the parameters in memory (LoRA: adapters unmerged on the frozen base), with
+  the config the final model folder gets (its token ids), as scalars ``task_eval/*``."""
+  model = Llama(run.export_config, lora=run.model.lora)
+
+  def evaluate(step: int, params: Any) -> None:
+    loaded = loading.LoadedModel(run.export_config, model,
+                                 train_step.model_params(params, run.frozen), None, run.mesh,
+                                 run.rules)
+    log.write(step, task_eval.run(loaded, run.run_dir, step), "task_eval")
+
+  return evaluate
+
+
+def _step_loop(run: _Run, step_fn, state: train_step.TrainState, skipped: int, log: _MetricsLog,
+               evaluations: Sequence[tuple[int, Evaluation]], *,
+               total_steps: int, log_every: int, batch_tokens: int, on_non_finite: str,
+               max_consecutive_skips: int, meta: dict[str, Any]
+               ) -> tuple[train_step.TrainState, int, bool, dict[str, float]]:
+  """Trains until ``total_steps`` or a termination signal; returns the state, its step, whether a
+  signal stopped the run, and the last logged training metrics. ``evaluations``: (every N steps,
+  evaluation) pairs, also run at the last step; their time is left out of the step-time figures."""
   step = int(state.step)
   last: dict[str, float] = {}
-  stopped_by_signal = wrote_config = False
+  wrote_config = False
   consecutive_skips = 0
-  meta_of = lambda: {"skipped_steps": skipped, "mixture": mixture, "seed": seed,
-                     "sequence_length": sequence_length, "global_batch_size": global_batch_size}
+  with _SigtermFlag() as sigterm:
+    while step < total_steps:
+      state, metrics = step_fn(state, pipeline.global_batch(next(run.data), run.mesh, run.rules))
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not metrics["finite"]:
+        message = (f"step {step + 1}: loss {metrics['loss']} / gradient norm "
+                   f"{metrics['grad_norm']} is not finite")
+        if on_non_finite == "stop":
+          raise NonFiniteLossError(f"{message}; the state was not updated and no checkpoint "
+                                   f"holds it (latest: {run.ckpts.latest_step()})")
+        skipped += 1
+        consecutive_skips += 1
+        if consecutive_skips > max_consecutive_skips:
+          raise NonFiniteLossError(f"{message}; {consecutive_skips} non-finite steps in a row")
+        logging.warning("%s; batch skipped (%d so far)", message, skipped)
+        continue
+      consecutive_skips = 0
+      step += 1
+      log.add(metrics, batch_tokens)
+      if not wrote_config and jax.process_index() == 0:
+        with open(os.path.join(run.run_dir, "operative_config.gin"), "w") as f:
+          f.write(gin.operative_config_str())
+        wrote_config = True
+      if step % log_every == 0 or step == total_steps:
+        last = log.flush(step, skipped)
+      for every, evaluate in evaluations:
+        if step % every == 0 or step == total_steps:
+          started = time.perf_counter()
+          evaluate(step, state.params)
+          log.exclude(time.perf_counter() - started)
+      stop = _any_process(sigterm.received) or run.ckpts.reached_preemption(step)
+      run.ckpts.save(step, state, run.data, {"skipped_steps": skipped, **meta},
+                     force=stop or step == total_steps)
+      if stop:
+        logging.warning("stopping at step %d after a termination signal", step)
+        return state, step, True, last
+  return state, step, False, last
+
+
+def _export(run: _Run, params: Any, lora: LoraConfig | None, init_checkpoint: str | None,
+            tokenizer_dir: str | None) -> tuple[str, str | None]:
+  """Writes ``final_model`` (LoRA: merged, after the ``adapters`` folder); returns both folders."""
+  adapters_dir = None
+  if lora is not None:
+    adapters_dir = loading.save_adapters(os.path.join(run.run_dir, "adapters"), params, lora,
+                                         init_checkpoint)
+    logging.info("adapter folder: %s", adapters_dir)
+    params = lora_lib.merge_sharded(run.frozen, params, lora)
+  final_dir = loading.save_model(os.path.join(run.run_dir, "final_model"), params,
+                                 run.export_config, tokenizer_dir or init_checkpoint)
+  logging.info("final model folder: %s", final_dir)
+  return final_dir, adapters_dir
+
+
+@gin.configurable
+def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_length: int = 4096,
+          global_batch_size: int = 8, total_steps: int = 1000, num_microbatches: int = 1,
+          init_checkpoint: str | None = None, tokenizer_dir: str | None = None, seed: int = 0,
+          save_every: int = 1000, keep_checkpoints: int = 3, async_checkpoints: bool = True,
+          log_every: int = 10, eval_every: int = 0, eval_batches: int = 10,
+          eval_split: str = "validation", on_non_finite: str = "stop",
+          max_consecutive_skips: int = 20, z_loss: float = 0.0,
+          lora: LoraConfig | None = None,
+          task_eval: TaskEvaluation | None = None) -> TrainResult:
+  """Trains the gin-configured model on ``mixture`` (a registered seqio task or mixture name).
+
+  ``global_batch_size`` rows of ``sequence_length`` tokens per step, accumulated over
+  ``num_microbatches``. With ``on_non_finite="skip"``, more than ``max_consecutive_skips``
+  non-finite steps in a row stop the run all the same. ``tokenizer_dir`` (default:
+  ``init_checkpoint``) supplies the tokenizer files copied into the final model folder. The gin
+  bindings in force are written to ``run_dir/config.gin`` at the start, the operative ones (every
+  value actually used) to ``run_dir/operative_config.gin`` after the first step. ``lora`` trains
+  LoRA adapters of ``init_checkpoint`` (then required) instead of the whole model. ``task_eval``
+  runs seqio Tasks (MIBE) on the model in memory every ``task_eval.every`` steps and at the end.
+  """
+  if on_non_finite not in NON_FINITE_POLICIES:
+    raise ValueError(f"on_non_finite={on_non_finite!r} is not one of {NON_FINITE_POLICIES}")
+  if lora is not None and init_checkpoint is None:
+    raise ValueError("LoRA training needs init_checkpoint: the base model the adapters adapt")
+  run = _setup(run_dir, mixture, sequence_length, global_batch_size, total_steps, seed,
+               init_checkpoint, lora, save_every, keep_checkpoints, async_checkpoints)
+  state, skipped = _start(run, init_checkpoint, seed)
+  step_fn = train_step.jit_train_step(
+      train_step.make_train_step(run.model, run.tx, num_microbatches, z_loss, dropout_seed=seed),
+      run.state_shardings, run.mesh, run.rules, run.frozen)
+  log = _MetricsLog(run_dir, run.config, sequence_length, total_steps, run.schedule,
+                    run.mesh.devices.size)
+  evaluations: list[tuple[int, Evaluation]] = []
+  if eval_every:
+    evaluations.append((eval_every, _loss_evaluation(run, log, mixture, sequence_length,
+                                                     global_batch_size, eval_split, seed,
+                                                     eval_batches)))
+  if task_eval is not None:
+    evaluations.append((task_eval.every, _task_evaluation(run, log, task_eval)))
+  meta = {"mixture": mixture, "seed": seed, "sequence_length": sequence_length,
+          "global_batch_size": global_batch_size}
   try:
-    with _SigtermFlag() as sigterm:
-      while step < total_steps:
-        state, metrics = step_fn(state, pipeline.global_batch(next(data), mesh, rules))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not metrics["finite"]:
-          message = (f"step {step + 1}: loss {metrics['loss']} / gradient norm "
-                     f"{metrics['grad_norm']} is not finite")
-          if on_non_finite == "stop":
-            raise NonFiniteLossError(f"{message}; the state was not updated and no checkpoint "
-                                     f"holds it (latest: {ckpts.latest_step()})")
-          skipped += 1
-          consecutive_skips += 1
-          if consecutive_skips > max_consecutive_skips:
-            raise NonFiniteLossError(f"{message}; {consecutive_skips} non-finite steps in a row")
-          logging.warning("%s; batch skipped (%d so far)", message, skipped)
-          continue
-        consecutive_skips = 0
-        step += 1
-        log.add(metrics, batch_tokens)
-        if not wrote_config and jax.process_index() == 0:
-          with open(os.path.join(run_dir, "operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
-          wrote_config = True
-        if step % log_every == 0 or step == total_steps:
-          last = log.flush(step, skipped)
-        if eval_fn is not None and (step % eval_every == 0 or step == total_steps):
-          eval_start = time.perf_counter()
-          eval_data = pipeline.make_data_iterator(mixture, sequence_length, global_batch_size,
-                                                  split=eval_split, seed=seed, shuffle=False)
-          evaluated = _evaluate(eval_fn, state.params, eval_data, eval_batches, mesh, rules)
-          log.write(step, evaluated, "eval")
-          logging.info("step %d eval loss %.4f ppl %.2f", step, evaluated["loss"],
-                       evaluated["perplexity"])
-          log.exclude(time.perf_counter() - eval_start)
-        stop = _any_process(sigterm.received) or ckpts.reached_preemption(step)
-        ckpts.save(step, state, data, meta_of(), force=stop or step == total_steps)
-        if stop:
-          stopped_by_signal = True
-          logging.warning("stopping at step %d after a termination signal", step)
-          break
+    state, step, stopped_by_signal, last = _step_loop(
+        run, step_fn, state, skipped, log, evaluations, total_steps=total_steps,
+        log_every=log_every, batch_tokens=global_batch_size * sequence_length,
+        on_non_finite=on_non_finite, max_consecutive_skips=max_consecutive_skips, meta=meta)
   finally:
-    ckpts.close()
+    run.ckpts.close()
     log.close()
   final_dir = adapters_dir = None
   if step == total_steps:
-    final_params = state.params
-    if lora is not None:
-      adapters_dir = loading.save_adapters(os.path.join(run_dir, "adapters"), state.params, lora,
-                                           init_checkpoint)
-      logging.info("adapter folder: %s", adapters_dir)
-      final_params = lora_lib.merge_sharded(frozen, state.params, lora)
-    final_dir = loading.save_model(os.path.join(run_dir, "final_model"), final_params,
-                                   _export_config(config, init_checkpoint),
-                                   tokenizer_dir or init_checkpoint)
-    logging.info("final model folder: %s", final_dir)
+    final_dir, adapters_dir = _export(run, state.params, lora, init_checkpoint, tokenizer_dir)
   return TrainResult(step=step, final_model_dir=final_dir, stopped_by_signal=stopped_by_signal,
                      last_metrics=last, adapters_dir=adapters_dir)

@@ -1,0 +1,59 @@
+"""``medllama-supervised``: :func:`medllama_jax.supervised.run_supervised` from gin files and
+bindings, as ``medllama-train`` runs ``train``.
+
+  medllama-supervised --gin_file=gin/supervised_me_llama_13b.gin \\
+      --gin.OUT_DIR=\\"runs/supervised/me-llama-13b\\" \\
+      --gin.BASE_CHECKPOINT=\\"ckpt/me-llama-13b\\" --gin.DATA_DIR=\\"mibe\\" \\
+      [--gin.run_supervised.datasets="['pubmedqa']"]
+
+Prints the before/after table at the end (also written to ``OUT_DIR/supervised_results.md``).
+Every host of a pod runs the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from medllama_jax import logs, partitioning, supervised
+from medllama_jax.train import cli as train_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="medllama-supervised", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--gin_file", action="append", default=[], required=True,
+                      help="gin file (repeatable; later files override earlier ones)")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="gin binding(s), e.g. 'run_supervised.epochs = 1' (repeatable)")
+  parser.add_argument("--gin_search_path", action="append", default=[],
+                      help="extra folder where gin files and includes are looked up")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    rest, gin_flags = train_cli.split_gin_flags(argv)
+  except ValueError as e:
+    print(f"medllama-supervised: {e}", file=sys.stderr)
+    return 2
+  args = build_parser().parse_args(rest)
+  logs.setup()
+  partitioning.initialize_distributed()
+  train_cli.parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_path)
+  rows = supervised.run_supervised()
+  if rows is None:
+    print("training stopped by a termination signal: rerun the same command to resume")
+    return 0
+  print(supervised.comparison_table(rows), end="")
+  return 0
+
+
+def run() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()
