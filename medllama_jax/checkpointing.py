@@ -11,7 +11,6 @@ checkpoint loads into any model configuration, straight onto its target sharding
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
@@ -69,7 +69,7 @@ def save_params_streaming(directory: str, tensors: Iterable[tuple[ParamPath, np.
   Nothing appears at ``directory`` until every tensor is written: an interrupted conversion leaves only
   Orbax's ``*.partial_save`` staging folder behind. Returns the number of tensors written.
   """
-  if os.path.exists(directory):
+  if epath.Path(directory).exists():
     raise FileExistsError(f"{directory}: refusing to overwrite an existing checkpoint")
   count = 0
   with _quiet():
@@ -90,7 +90,7 @@ def save_params(directory: str, params: Any) -> None:
 
 def params_metadata(directory: str) -> dict[ParamPath, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of every tensor in a parameter checkpoint, without reading any data."""
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f"{directory}: no parameter checkpoint (expected an Orbax folder)")
   with _quiet():
     try:

@@ -14,6 +14,7 @@ from typing import Any
 
 import gin
 import jax.numpy as jnp
+from etils import epath
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "nothing_saveable")
@@ -193,19 +194,17 @@ class LlamaConfig:
       raise ValueError(f"{source}: {e}") from e
 
   def save_hf_json(self, directory: str) -> str:
-    path = os.path.join(directory, "config.json")
-    with open(path, "w") as f:
-      json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
-    return path
+    path = epath.Path(directory) / "config.json"
+    path.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True))
+    return os.fspath(path)
 
   @classmethod
   def load_hf_json(cls, directory: str, **runtime: Any) -> "LlamaConfig":
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(directory) / "config.json"
+    if not path.exists():
       raise FileNotFoundError(f"{path}: no config.json in the model folder {directory}")
     try:
-      with open(path) as f:
-        hf = json.load(f)
+      hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON ({e})") from e
     return cls.from_hf_dict(hf, source=path, **runtime)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +20,10 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from etils import epath
 from jax.sharding import Mesh
 
-from medllama_jax import checkpointing, lora, partitioning, tokenizer as tokenizer_lib
+from medllama_jax import checkpointing, lora, partitioning, storage, tokenizer as tokenizer_lib
 from medllama_jax.config import LlamaConfig
 from medllama_jax.convert import hf
 from medllama_jax.convert.sources import open_hf_weights
@@ -42,7 +42,7 @@ class LoadedModel:
 
 
 def is_orbax_model_dir(model_dir: str) -> bool:
-  return os.path.isdir(os.path.join(model_dir, checkpointing.PARAMS_DIR))
+  return (epath.Path(model_dir) / checkpointing.PARAMS_DIR).is_dir()
 
 
 def load_model(model_dir: str, mesh: Mesh, rules: partitioning.LogicalRules | None = None,
@@ -77,15 +77,15 @@ def _write_folder(directory: str, params: Any, write_files: Callable[[str], None
   """``params/`` plus what ``write_files`` puts beside it, written under ``directory.tmp`` and renamed
   into place (replacing any earlier folder) once complete. Every host calls this together."""
   staging = directory + ".tmp"
-  if jax.process_index() == 0 and os.path.exists(staging):
-    shutil.rmtree(staging)
+  if jax.process_index() == 0 and epath.Path(staging).exists():
+    epath.Path(staging).rmtree()
   multihost_utils.sync_global_devices("folder staging")
   checkpointing.save_params(os.path.join(staging, checkpointing.PARAMS_DIR), params)
   if jax.process_index() == 0:
     write_files(staging)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(staging, directory)
+    if epath.Path(directory).exists():
+      epath.Path(directory).rmtree()
+    epath.Path(staging).rename(directory)
   multihost_utils.sync_global_devices("folder written")
   return directory
 
@@ -105,8 +105,8 @@ def save_model(directory: str, params: Any, config: LlamaConfig, tokenizer_dir: 
 def save_adapters(directory: str, adapters: Any, config: lora.LoraConfig,
                   base_model: str | None) -> str:
   """An adapter folder: ``params/`` (the adapters alone) + ``lora_config.json`` naming ``base_model``."""
-  if base_model is not None and "://" not in base_model:
-    base_model = os.path.abspath(base_model)
+  if base_model is not None:
+    base_model = storage.absolute(base_model)
   return _write_folder(directory, adapters, lambda staging: config.save_json(staging, base_model))
 
 
@@ -117,8 +117,8 @@ def merge_lora(base_dir: str | None, adapters_dir: str, out_dir: str, mesh: Mesh
   ``base_dir`` defaults to the base model the adapters record; ``param_dtype`` (default: the base's
   stored dtype) is the dtype the base is read in and the merged weights written in.
   """
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir):
+  out_dir = storage.absolute(out_dir)
+  if epath.Path(out_dir).exists():
     raise FileExistsError(f"{out_dir}: already exists; choose a new output folder or delete it")
   base_dir = base_dir or lora.recorded_base_model(adapters_dir)
   if base_dir is None:

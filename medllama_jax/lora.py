@@ -30,6 +30,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from medllama_jax import partitioning
 from medllama_jax.checkpointing import ParamPath, flatten, nest
@@ -74,10 +75,10 @@ class LoraConfig:
 
   def save_json(self, directory: str, base_model: str | None) -> str:
     """Writes ``lora_config.json``: this config and ``base_model``, the folder the adapters belong to."""
-    path = os.path.join(directory, CONFIG_FILE)
-    with open(path, "w") as f:
-      json.dump({**dataclasses.asdict(self), "base_model": base_model}, f, indent=2, sort_keys=True)
-    return path
+    path = epath.Path(directory) / CONFIG_FILE
+    path.write_text(json.dumps({**dataclasses.asdict(self), "base_model": base_model}, indent=2,
+                               sort_keys=True))
+    return os.fspath(path)
 
   @classmethod
   def load_json(cls, directory: str) -> "LoraConfig":
@@ -91,11 +92,10 @@ def recorded_base_model(directory: str) -> str | None:
 
 
 def _read_config_file(directory: str) -> dict[str, Any]:
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(f"{path}: no {CONFIG_FILE} in the adapter folder {directory}")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def _a_init(input_dims: int) -> nn.initializers.Initializer:

@@ -215,24 +215,35 @@ def make_forward(model: nn.Module, mesh: Mesh, rules: LogicalRules, params_shard
   return run
 
 
+# Set to "auto" (``scripts/tpu/medllama_tpu.py launch`` does, on every TPU worker): JAX finds the
+# other processes itself, from the TPU VM's metadata server (or SLURM, Open MPI, Kubernetes).
+AUTO_DISTRIBUTED_ENV = "MEDLLAMA_DISTRIBUTED"
+
+
 def initialize_distributed() -> None:
   """Joins the multi-host runtime when this process is one of several; a no-op on one host.
 
-  TPU VM slices are detected by JAX itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``,
-  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (as a GPU cluster launcher would). The same variables
-  run several CPU processes on one machine (as the tests do): their collectives go over
-  gloo, JAX's default ``jax_cpu_collectives_implementation`` (``mpi`` can be chosen through JAX's own
-  flag or ``JAX_CPU_COLLECTIVES_IMPLEMENTATION``).
+  Three ways in, first match wins: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID`` name the peers (as a GPU cluster launcher would); ``MEDLLAMA_DISTRIBUTED=auto``
+  lets JAX detect them (TPU VM slices: the workers are read from the VM's metadata server);
+  ``TPU_WORKER_HOSTNAMES`` listing several hosts (TPU slices on GKE) does the same. The explicit
+  variables also run several CPU processes on one machine (as the tests do): their collectives go
+  over gloo, JAX's default ``jax_cpu_collectives_implementation`` (``mpi`` can be chosen through
+  JAX's own flag or ``JAX_CPU_COLLECTIVES_IMPLEMENTATION``).
   """
   if jax.distributed.is_initialized():
     return
   coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
   num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-  on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+  auto = os.environ.get(AUTO_DISTRIBUTED_ENV, "")
+  if auto not in ("", "auto"):
+    raise ValueError(f"{AUTO_DISTRIBUTED_ENV}={auto!r}: the only value is 'auto' (unset: one host "
+                     "unless JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID are set)")
+  on_gke_tpu_slice = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
   if coordinator and num_processes > 1:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif on_tpu_pod:
+  elif auto or on_gke_tpu_slice:
     jax.distributed.initialize()
   else:
     return

@@ -36,6 +36,7 @@ from typing import Any
 import gin
 import jax
 from absl import logging
+from etils import epath
 
 import seqio_tasks.mibe
 import seqio_tasks.supervised
@@ -51,10 +52,9 @@ def evaluate_or_read(stage_dir: str, model_dir: str, task_names: Sequence[str], 
                    step: int) -> dict[str, dict[str, Any]]:
   """Task → metrics of ``model_dir``: read from ``stage_dir/results.json`` when it holds this
   model and these tasks, else evaluated (and written there)."""
-  path = os.path.join(stage_dir, "results.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      done = json.load(f)
+  path = epath.Path(stage_dir) / "results.json"
+  if path.exists():
+    done = json.loads(path.read_text())
     if done.get("model") == model_dir and done.get("task_names") == list(task_names):
       logging.info("%s: evaluation already done, read from %s", model_dir, path)
       return {name: done["tasks"][name]["metrics"] for name in task_names}
@@ -90,15 +90,13 @@ def comparison_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 
 def write_comparison(out_dir: str, summary: Mapping[str, Any],
                      rows: Mapping[str, Mapping[str, Any]]) -> None:
-  with open(os.path.join(out_dir, RESULTS_JSON), "w") as f:
-    json.dump({**summary, "datasets": rows}, f, indent=2)
+  (epath.Path(out_dir) / RESULTS_JSON).write_text(json.dumps({**summary, "datasets": rows}, indent=2))
   header = (f"Supervised fine-tuning of `{summary['base_model']}` → `{summary['tuned_model']}`: "
             f"{summary['train_steps']} steps of {summary['global_batch_size']} on "
             f"{summary['train_examples']} training examples ({summary['epochs']:g} epochs), chat "
             f"template `{summary['template']}`, `{summary['prompt_variant']}` prompts, zero-shot "
             "test splits.")
-  with open(os.path.join(out_dir, RESULTS_MD), "w") as f:
-    f.write(f"{header}\n\n{comparison_table(rows)}")
+  (epath.Path(out_dir) / RESULTS_MD).write_text(f"{header}\n\n{comparison_table(rows)}")
 
 
 @gin.configurable

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
 import sentencepiece as spm
 import tokenizers
+from etils import epath
+
+from medllama_jax import storage
 
 StrPath = str | os.PathLike[str]
 
@@ -200,10 +202,10 @@ def _read_special_tokens(model_dir: StrPath) -> dict[str, str | None]:
     """Special-token names from ``tokenizer_config.json``, falling back to ``special_tokens_map.json``."""
     merged: dict[str, Any] = {}
     for name in (HF_SPECIAL_TOKENS_MAP_FILE, HF_TOKENIZER_CONFIG_FILE):  # later file wins
-        path = os.path.join(model_dir, name)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                merged.update({k: v for k, v in json.load(f).items() if v is not None})
+        path = epath.Path(model_dir) / name
+        if path.is_file():
+            merged.update({k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items()
+                           if v is not None})
     return {key: _token_content(merged.get(key)) for key in ("bos_token", "eos_token", "pad_token")}
 
 
@@ -214,13 +216,14 @@ def load_tokenizer(model_dir: StrPath) -> Tokenizer:
     converted by ``transformers`` often carry a derived ``tokenizer.json`` too,
     and the SentencePiece model is the original the weights were trained with.
     """
-    sp_path = os.path.join(model_dir, SENTENCEPIECE_FILE)
-    if os.path.isfile(sp_path):
-        return SentencePieceTokenizer(sp_path)
-    json_path = os.path.join(model_dir, HF_TOKENIZER_FILE)
-    if os.path.isfile(json_path):
+    sp_path = epath.Path(model_dir) / SENTENCEPIECE_FILE
+    if sp_path.is_file():
+        return SentencePieceTokenizer(storage.local_copy(sp_path))
+    json_path = epath.Path(model_dir) / HF_TOKENIZER_FILE
+    if json_path.is_file():
         special = _read_special_tokens(model_dir)
-        return HFJsonTokenizer(json_path, special["bos_token"], special["eos_token"], special["pad_token"])
+        return HFJsonTokenizer(storage.local_copy(json_path), special["bos_token"], special["eos_token"],
+                               special["pad_token"])
     raise FileNotFoundError(
         f"no tokenizer in {os.fspath(model_dir)!r}: expected {SENTENCEPIECE_FILE!r} or {HF_TOKENIZER_FILE!r}"
     )
@@ -231,12 +234,12 @@ def copy_tokenizer_files(src_dir: StrPath, dst_dir: StrPath) -> list[str]:
 
     Converters call this so a converted checkpoint stays usable on its own.
     """
-    os.makedirs(dst_dir, exist_ok=True)
+    epath.Path(dst_dir).mkdir(parents=True, exist_ok=True)
     copied = []
     for name in TOKENIZER_FILES:
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(dst_dir, name))
+        src = epath.Path(src_dir) / name
+        if src.is_file():
+            src.copy(epath.Path(dst_dir) / name, overwrite=True)
             copied.append(name)
     return copied
 

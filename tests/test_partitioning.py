@@ -252,3 +252,33 @@ def test_init_params_has_param_shardings(layout):
   q = params["layers"]["self_attn"]["q_proj"]
   assert len({s.device for s in q.addressable_shards}) == 8
   assert float(np.std(np.asarray(q))) > 0
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "node0:8476", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     {"coordinator_address": "node0:8476", "num_processes": 2, "process_id": 1}),
+    ({"JAX_COORDINATOR_ADDRESS": "node0:8476", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}, None),
+    ({partitioning.AUTO_DISTRIBUTED_ENV: "auto"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "w0"}, None),
+])
+def test_initialize_distributed_joins_only_when_told(monkeypatch, env, expected):
+  """Explicit peers, JAX's own discovery (TPU VM slices), or nothing on one host."""
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+               "TPU_WORKER_HOSTNAMES", partitioning.AUTO_DISTRIBUTED_ENV):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  partitioning.initialize_distributed()
+  assert calls == ([] if expected is None else [expected])
+
+
+def test_initialize_distributed_refuses_an_unknown_mode(monkeypatch):
+  monkeypatch.setenv(partitioning.AUTO_DISTRIBUTED_ENV, "yes")
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  with pytest.raises(ValueError, match="MEDLLAMA_DISTRIBUTED='yes'"):
+    partitioning.initialize_distributed()

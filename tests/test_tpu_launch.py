@@ -224,6 +224,14 @@ def test_dry_run_prints_every_command_and_runs_nothing(monkeypatch, capsys):
   assert all(shlex.quote(flag) in script for flag in NASTY)
 
 
+def test_tpu_workers_let_jax_find_each_other(monkeypatch, capsys):
+  """The launcher sets the variable partitioning.initialize_distributed reads on every worker."""
+  from medllama_jax import partitioning
+  argv = shlex.split(_cli([*LAUNCH, "--dry_run"], monkeypatch, capsys)[2].out.removeprefix("$ "))
+  script = shlex.split(argv[8].removeprefix("--command="))[2]
+  assert f"export {partitioning.AUTO_DISTRIBUTED_ENV}=auto" in script
+
+
 def test_single_worker_slice_may_keep_its_run_dir_on_disk(monkeypatch, capsys):
   local = [*LAUNCH[:-3], "--gin.RUN_DIR=\"/home/me/runs/r\"", "--dry_run"]
   assert _cli(local, monkeypatch, capsys)[0] == 2

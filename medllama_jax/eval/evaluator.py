@@ -41,6 +41,7 @@ import numpy as np
 import seqio
 from absl import logging
 from clu import metric_writers
+from etils import epath
 
 from medllama_jax import chat, decode, loading, partitioning
 from medllama_jax.data.instruct import USER, Conversation, Turn
@@ -374,7 +375,8 @@ def write_results(out_dir: str, model_dir: str, results: Sequence[TaskResult],
 
   ``paper_model`` (gin-bindable, ``medllama-eval --compare_to_paper``): put the paper's published
   numbers for that model beside ours, in results.md and under ``paper`` in results.json."""
-  os.makedirs(out_dir, exist_ok=True)
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   summary = {
       "model": model_dir, "split": SPLIT, "decoding": "greedy",
       "max_new_tokens": settings.max_new_tokens, "stop_sequences": list(settings.stop_sequences),
@@ -387,20 +389,18 @@ def write_results(out_dir: str, model_dir: str, results: Sequence[TaskResult],
                         "tasks": {task: {"metric": v.metric.name, "key": v.metric.key,
                                          "published": v.value}
                                   for task, v in published_values(results, paper_model).items()}}
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(f"Model: `{model_dir}`\n\n{markdown_table(results, paper_model)}")
+  (out / "results.json").write_text(json.dumps(summary, indent=2))
+  (out / "results.md").write_text(f"Model: `{model_dir}`\n\n{markdown_table(results, paper_model)}")
   writer = metric_writers.create_default_writer(os.path.join(out_dir, "tensorboard"),
                                                 asynchronous=False)
   writer.write_scalars(step, {f"{r.task}/{key}": value for r in results
                               for key, value in r.metrics.items() if value is not None})
   writer.close()
   if write_predictions:
-    os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
+    (out / "predictions").mkdir(exist_ok=True)
     for r in results:
-      with open(os.path.join(out_dir, "predictions", f"{r.task}.jsonl"), "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in r.predictions)
+      (out / "predictions" / f"{r.task}.jsonl").write_text(
+          "".join(json.dumps(p) + "\n" for p in r.predictions))
 
 
 def evaluate_model(model: loading.LoadedModel | GenerationBackend, task_names: Sequence[str],

@@ -154,10 +154,12 @@ def check_gin_files(gin_files: Sequence[str], root: pathlib.Path = PROJECT_ROOT)
 
 
 def default_env(target: Target) -> dict[str, str]:
-  """Unbuffered Python output (the log follows the run); on TPU, libtpu's errors on stderr."""
+  """Unbuffered Python output (the log follows the run); on TPU, libtpu's errors on stderr and
+  JAX's own discovery of the slice's workers (``partitioning.initialize_distributed``)."""
   env = {"PYTHONUNBUFFERED": "1"}
   if isinstance(target, tpu.TpuTarget):
     env["TPU_STDERR_LOG_LEVEL"] = "2"
+    env["MEDLLAMA_DISTRIBUTED"] = "auto"  # partitioning.AUTO_DISTRIBUTED_ENV (JAX not imported here)
   return env
 
 

@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from medllama_jax import storage
+
 
 class CheckpointableIterator(Protocol):
   """What the manager needs of an input pipeline: write and read back its position."""
@@ -80,7 +82,7 @@ class RunCheckpoints:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "meta"))
 

@@ -42,6 +42,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -134,7 +135,7 @@ class _MetricsLog:
     self._primary = jax.process_index() == 0
     self._writer = metric_writers.create_default_writer(
         os.path.join(run_dir, "tensorboard"), just_logging=not self._primary, asynchronous=False)
-    self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if self._primary else None
+    self._jsonl = (epath.Path(run_dir, "metrics.jsonl").open("a") if self._primary else None)
     self._config, self._length, self._total = config, sequence_length, total_steps
     self._schedule, self._devices = schedule, num_devices
     self._peak = throughput.peak_flops_per_device()
@@ -253,10 +254,9 @@ Evaluation = Callable[[int, Any], None]
 def _setup(run_dir: str, mixture: str, sequence_length: int, global_batch_size: int,
            total_steps: int, seed: int, init_checkpoint: str | None, lora: LoraConfig | None,
            save_every: int, keep_checkpoints: int, async_checkpoints: bool) -> _Run:
-  os.makedirs(run_dir, exist_ok=True)
+  epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(run_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
+    epath.Path(run_dir, "config.gin").write_text(gin.config_str())
   mesh, rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
   config = model_config()
   model = Llama(config, lora=lora)
@@ -278,10 +278,8 @@ def _start(run: _Run, init_checkpoint: str | None, seed: int) -> tuple[train_ste
   checkpoint's, or fresh (``init_checkpoint``'s or random parameters; fresh LoRA adapters)."""
   latest = run.ckpts.latest_step()
   if latest is not None:
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        partitioning.unbox(train_step.abstract_train_state(run.model, run.tx)),
-        run.state_shardings)
+    abstract_state = checkpoints.restore_target(
+        partitioning.unbox(train_step.abstract_train_state(run.model, run.tx)), run.state_shardings)
     state, meta = run.ckpts.restore(latest, abstract_state, run.data)
     logging.info("resuming at step %d", latest)
     return state, int(meta.get("skipped_steps", 0))
@@ -354,8 +352,7 @@ def _step_loop(run: _Run, step_fn, state: train_step.TrainState, skipped: int, l
       step += 1
       log.add(metrics, batch_tokens)
       if not wrote_config and jax.process_index() == 0:
-        with open(os.path.join(run.run_dir, "operative_config.gin"), "w") as f:
-          f.write(gin.operative_config_str())
+        epath.Path(run.run_dir, "operative_config.gin").write_text(gin.operative_config_str())
         wrote_config = True
       if step % log_every == 0 or step == total_steps:
         last = log.flush(step, skipped)
