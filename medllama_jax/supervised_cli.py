@@ -21,15 +21,7 @@ from medllama_jax.train import cli as train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="medllama-supervised", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--gin_file", action="append", default=[], required=True,
-                      help="gin file (repeatable; later files override earlier ones)")
-  parser.add_argument("--gin_bindings", action="append", default=[],
-                      help="gin binding(s), e.g. 'run_supervised.epochs = 1' (repeatable)")
-  parser.add_argument("--gin_search_path", action="append", default=[],
-                      help="extra folder where gin files and includes are looked up")
-  return parser
+  return train_cli.gin_parser("medllama-supervised", __doc__, "run_supervised.epochs = 1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,7 +48,7 @@ import dataclasses
 import functools
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 
 import gin
@@ -117,7 +117,7 @@ def _load_split(split: str, shuffle_files: bool, seed: int | None = None, *, pat
   reads the examples from memory, in an order shuffled over the whole split if ``shuffle_files``.
   """
   rejections = instruct.Rejections()
-  ids, texts, kinds, exchanges, lengths = [], [], [], [], []
+  ids, pieces_of = [], []
   for location, conversation in instruct.read_conversations(path, rejections):
     key = conversation.id or f"{os.path.basename(path)}:{location}"
     use = formatted if conversation.record_format == instruct.INSTRUCTION_FORMAT else template
@@ -129,30 +129,36 @@ def _load_split(split: str, shuffle_files: bool, seed: int | None = None, *, pat
     if records.split_of(key, validation_fraction) != split:
       continue
     ids.append(key)
-    texts += [p.text for p in pieces]
-    kinds += [int(p.kind) for p in pieces]
-    exchanges += [p.exchange for p in pieces]
-    lengths.append(len(pieces))
+    pieces_of.append(pieces)
   logging.info("%s (%s): %d conversations, %d records skipped %s", path, split, len(ids),
                rejections.total, dict(rejections.counts))
   if not ids:
     raise ValueError(f"{path} has no usable records in split {split!r} (validation_fraction="
                      f"{validation_fraction}; skipped: {dict(rejections.counts)})")
-  lengths = np.asarray(lengths, np.int64)
-  ragged = functools.partial(tf.RaggedTensor.from_row_lengths, row_lengths=lengths)
-  columns = {"id": tf.constant(ids, tf.string),
-             "segment_text": ragged(tf.constant(texts, tf.string)),
-             "segment_kind": ragged(tf.constant(kinds, tf.int32)),
-             "segment_exchange": ragged(tf.constant(exchanges, tf.int32))}
+  return pieces_dataset(ids, pieces_of, shuffle_files, seed)
+
+
+def pieces_dataset(ids: Sequence[str], pieces_of: Sequence[Sequence[chat.Segment]],
+                   shuffle_files: bool, seed: int | None) -> tf.data.Dataset:
+  """Examples ``id``, ``segment_{text,kind,exchange}`` (what :func:`render_conversations` takes)
+  held in memory and served by index, in an order shuffled over them all if ``shuffle_files``: a
+  data checkpoint then stores the order, never the text."""
+  ragged = functools.partial(tf.RaggedTensor.from_row_lengths,
+                             row_lengths=np.asarray([len(p) for p in pieces_of], np.int64))
+  flat = [piece for pieces in pieces_of for piece in pieces]
+  columns = {"id": tf.constant(list(ids), tf.string),
+             "segment_text": ragged(tf.constant([p.text for p in flat], tf.string)),
+             "segment_kind": ragged(tf.constant([int(p.kind) for p in flat], tf.int32)),
+             "segment_exchange": ragged(tf.constant([p.exchange for p in flat], tf.int32))}
   order = tf.data.Dataset.range(len(ids))
   if shuffle_files:
     order = order.shuffle(len(ids), seed=seed, reshuffle_each_iteration=True)
   return order.map(lambda i: {k: v[i] for k, v in columns.items()}, num_parallel_calls=AUTOTUNE)
 
 
-class _ShuffledInMemorySource(seqio.FunctionDataSource):
-  """A split read whole into memory and shuffled there (:func:`_load_split`), so its Task needs no
-  shuffle buffer of rendered examples, which every data checkpoint would otherwise store. (seqio's
+class ShuffledInMemorySource(seqio.FunctionDataSource):
+  """A split read whole into memory and shuffled there (:func:`pieces_dataset`), so its Task needs
+  no shuffle buffer of rendered examples, which every data checkpoint would otherwise store. (seqio's
   warning that an uncached FunctionDataSource shuffles poorly does not apply.)"""
 
   @property
@@ -248,7 +254,7 @@ def register_instruct_task(name: str = gin.REQUIRED, path: str = gin.REQUIRED,
     raise ValueError(f"validation_fraction={validation_fraction} must be in [0, 1)")
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"no instruction data file {path}")
-  source = _ShuffledInMemorySource(
+  source = ShuffledInMemorySource(
       functools.partial(_load_split, path=path, template=wrapper, formatted=formatted,
                         validation_fraction=validation_fraction),
       splits=(records.TRAIN, records.VALIDATION))

@@ -35,7 +35,6 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 
 import gin
-import numpy as np
 import seqio
 import tensorflow as tf
 from absl import logging
@@ -93,8 +92,8 @@ def _split_records(dataset: str, dataset_dir: str, validation_fraction: float
 
 def _load_split(split: str, shuffle_files: bool, seed: int | None = None, *,
                 info: SupervisedTask) -> tf.data.Dataset:
-  """The split's examples as chat pieces (``id``, ``segment_{text,kind,exchange}``), read whole,
-  served by index so that only the order, never the text, is in a data checkpoint."""
+  """The split's examples as chat pieces (``id``, ``segment_{text,kind,exchange}``), in memory
+  (``instruct.pieces_dataset``)."""
   keyed = _split_records(info.dataset, info.dataset_dir, info.validation_fraction)[split]
   if not keyed:
     raise ValueError(f"supervised {info.dataset} ({info.dataset_dir}): no examples in split "
@@ -102,27 +101,8 @@ def _load_split(split: str, shuffle_files: bool, seed: int | None = None, *,
   template = chat.get_template(info.template)
   pieces = [chat.segments(conversation(record, info.dataset, info.prompt_variant, example_id),
                           template) for example_id, record in keyed]
-  ragged = functools.partial(tf.RaggedTensor.from_row_lengths,
-                             row_lengths=np.asarray([len(p) for p in pieces], np.int64))
-  flat = [piece for example in pieces for piece in example]
-  columns = {"id": tf.constant([example_id for example_id, _ in keyed], tf.string),
-             "segment_text": ragged(tf.constant([p.text for p in flat], tf.string)),
-             "segment_kind": ragged(tf.constant([int(p.kind) for p in flat], tf.int32)),
-             "segment_exchange": ragged(tf.constant([p.exchange for p in flat], tf.int32))}
-  order = tf.data.Dataset.range(len(keyed))
-  if shuffle_files:
-    order = order.shuffle(len(keyed), seed=seed, reshuffle_each_iteration=True)
-  return order.map(lambda i: {k: v[i] for k, v in columns.items()},
-                   num_parallel_calls=tf.data.AUTOTUNE)
-
-
-class _InMemorySource(seqio.FunctionDataSource):
-  """A split read whole and shuffled in memory by :func:`_load_split`: the Task needs no shuffle
-  buffer of rendered examples (which every data checkpoint would store)."""
-
-  @property
-  def performs_internal_shuffling(self) -> bool:
-    return True
+  return instruct.pieces_dataset([example_id for example_id, _ in keyed], pieces, shuffle_files,
+                                 seed)
 
 
 def task_name(dataset: str, mixture_name: str = DEFAULT_MIXTURE) -> str:
@@ -154,8 +134,9 @@ def register_supervised_task(dataset: str = gin.REQUIRED, data_dir: str = gin.RE
   name = name or task_name(dataset)
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
-      name, source=_InMemorySource(functools.partial(_load_split, info=info), splits=SPLITS,
-                                   caching_permitted=False),
+      name,
+      source=instruct.ShuffledInMemorySource(functools.partial(_load_split, info=info),
+                                             splits=SPLITS, caching_permitted=False),
       preprocessors=[functools.partial(instruct.render_conversations, task_name=name)],
       output_features=instruct.output_features(llama_vocabulary(vocabulary_path)),
       shuffle_buffer_size=None)

@@ -38,19 +38,15 @@ import seqio_tasks.mibe
 from medllama_jax import chat, logs, partitioning
 from medllama_jax.eval import api, evaluator, paper
 from medllama_jax.eval.datasets import MIBE_DATASETS
-from medllama_jax.train.cli import parse_gin, split_gin_flags
+from medllama_jax.train.cli import gin_parser, parse_gin, split_gin_flags
 
 PAPER_MODEL_BINDING = "medllama_jax.eval.evaluator.write_results.paper_model"
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="medllama-eval", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--gin_file", action="append", default=[],
-                      help="gin file (repeatable); then the flags below other than "
-                           "--write_predictions are not used")
-  parser.add_argument("--gin_bindings", action="append", default=[])
-  parser.add_argument("--gin_search_path", action="append", default=[])
+  # With --gin_file, the flags below other than --write_predictions are not used.
+  parser = gin_parser("medllama-eval", __doc__, "evaluate.max_new_tokens = 64",
+                      gin_file_required=False)
   parser.add_argument("--model", help="model folder: Orbax (params/) or Hugging Face")
   parser.add_argument("--data_dir", help="folder with one sub-folder per dataset")
   parser.add_argument("--out", help="folder for results.json, results.md, tensorboard/")

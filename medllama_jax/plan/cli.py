@@ -36,14 +36,7 @@ from medllama_jax.train import cli as train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="medllama-plan", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--gin_file", action="append", default=[], required=True,
-                      help="training recipe (repeatable; later files override earlier ones)")
-  parser.add_argument("--gin_bindings", action="append", default=[],
-                      help="gin binding(s), e.g. 'train.num_microbatches = 8' (repeatable)")
-  parser.add_argument("--gin_search_path", action="append", default=[],
-                      help="extra folder where gin files and includes are looked up")
+  parser = train_cli.gin_parser("medllama-plan", __doc__, "train.num_microbatches = 8")
   parser.add_argument("--topology", action="append", required=True,
                       help="target: a TPU slice (v5p-256, v4-128, v5litepod-16, v6e-64, v5p:4x4x12) "
                            "or GPUs (8xH100); repeatable")

@@ -42,16 +42,24 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, bindings
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="medllama-train", description=__doc__,
+def gin_parser(prog: str, description: str | None, example_binding: str,
+               gin_file_required: bool = True) -> argparse.ArgumentParser:
+  """The argument parser of an entry point configured by gin files: ``--gin_file``,
+  ``--gin_bindings`` and ``--gin_search_path`` (``--gin.NAME=VALUE`` is taken apart before, by
+  :func:`split_gin_flags`)."""
+  parser = argparse.ArgumentParser(prog=prog, description=description,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--gin_file", action="append", default=[], required=True,
+  parser.add_argument("--gin_file", action="append", default=[], required=gin_file_required,
                       help="gin file (repeatable; later files override earlier ones)")
   parser.add_argument("--gin_bindings", action="append", default=[],
-                      help="gin binding(s), e.g. 'train.total_steps = 100' (repeatable)")
+                      help=f"gin binding(s), e.g. '{example_binding}' (repeatable)")
   parser.add_argument("--gin_search_path", action="append", default=[],
                       help="extra folder where gin files and includes are looked up")
   return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+  return gin_parser("medllama-train", __doc__, "train.total_steps = 100")
 
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:

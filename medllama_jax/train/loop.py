@@ -323,50 +323,50 @@ def _task_evaluation(run: _Run, log: _MetricsLog, task_eval: TaskEvaluation) -> 
 def _step_loop(run: _Run, step_fn, state: train_step.TrainState, skipped: int, log: _MetricsLog,
                evaluations: Sequence[tuple[int, Evaluation]], *,
                total_steps: int, log_every: int, batch_tokens: int, on_non_finite: str,
-               max_consecutive_skips: int, meta: dict[str, Any]
+               max_consecutive_skips: int, meta: dict[str, Any], sigterm: "_SigtermFlag"
                ) -> tuple[train_step.TrainState, int, bool, dict[str, float]]:
-  """Trains until ``total_steps`` or a termination signal; returns the state, its step, whether a
-  signal stopped the run, and the last logged training metrics. ``evaluations``: (every N steps,
-  evaluation) pairs, also run at the last step; their time is left out of the step-time figures."""
+  """Trains until ``total_steps`` or a termination signal (``sigterm``); returns the state, its
+  step, whether a signal stopped the run, and the last logged training metrics. ``evaluations``:
+  (every N steps, evaluation) pairs, also run at the last step; their time is left out of the
+  step-time figures."""
   step = int(state.step)
   last: dict[str, float] = {}
   wrote_config = False
   consecutive_skips = 0
-  with _SigtermFlag() as sigterm:
-    while step < total_steps:
-      state, metrics = step_fn(state, pipeline.global_batch(next(run.data), run.mesh, run.rules))
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not metrics["finite"]:
-        message = (f"step {step + 1}: loss {metrics['loss']} / gradient norm "
-                   f"{metrics['grad_norm']} is not finite")
-        if on_non_finite == "stop":
-          raise NonFiniteLossError(f"{message}; the state was not updated and no checkpoint "
-                                   f"holds it (latest: {run.ckpts.latest_step()})")
-        skipped += 1
-        consecutive_skips += 1
-        if consecutive_skips > max_consecutive_skips:
-          raise NonFiniteLossError(f"{message}; {consecutive_skips} non-finite steps in a row")
-        logging.warning("%s; batch skipped (%d so far)", message, skipped)
-        continue
-      consecutive_skips = 0
-      step += 1
-      log.add(metrics, batch_tokens)
-      if not wrote_config and jax.process_index() == 0:
-        epath.Path(run.run_dir, "operative_config.gin").write_text(gin.operative_config_str())
-        wrote_config = True
-      if step % log_every == 0 or step == total_steps:
-        last = log.flush(step, skipped)
-      for every, evaluate in evaluations:
-        if step % every == 0 or step == total_steps:
-          started = time.perf_counter()
-          evaluate(step, state.params)
-          log.exclude(time.perf_counter() - started)
-      stop = _any_process(sigterm.received) or run.ckpts.reached_preemption(step)
-      run.ckpts.save(step, state, run.data, {"skipped_steps": skipped, **meta},
-                     force=stop or step == total_steps)
-      if stop:
-        logging.warning("stopping at step %d after a termination signal", step)
-        return state, step, True, last
+  while step < total_steps:
+    state, metrics = step_fn(state, pipeline.global_batch(next(run.data), run.mesh, run.rules))
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not metrics["finite"]:
+      message = (f"step {step + 1}: loss {metrics['loss']} / gradient norm "
+                 f"{metrics['grad_norm']} is not finite")
+      if on_non_finite == "stop":
+        raise NonFiniteLossError(f"{message}; the state was not updated and no checkpoint "
+                                 f"holds it (latest: {run.ckpts.latest_step()})")
+      skipped += 1
+      consecutive_skips += 1
+      if consecutive_skips > max_consecutive_skips:
+        raise NonFiniteLossError(f"{message}; {consecutive_skips} non-finite steps in a row")
+      logging.warning("%s; batch skipped (%d so far)", message, skipped)
+      continue
+    consecutive_skips = 0
+    step += 1
+    log.add(metrics, batch_tokens)
+    if not wrote_config and jax.process_index() == 0:
+      epath.Path(run.run_dir, "operative_config.gin").write_text(gin.operative_config_str())
+      wrote_config = True
+    if step % log_every == 0 or step == total_steps:
+      last = log.flush(step, skipped)
+    for every, evaluate in evaluations:
+      if step % every == 0 or step == total_steps:
+        started = time.perf_counter()
+        evaluate(step, state.params)
+        log.exclude(time.perf_counter() - started)
+    stop = _any_process(sigterm.received) or run.ckpts.reached_preemption(step)
+    run.ckpts.save(step, state, run.data, {"skipped_steps": skipped, **meta},
+                   force=stop or step == total_steps)
+    if stop:
+      logging.warning("stopping at step %d after a termination signal", step)
+      return state, step, True, last
   return state, step, False, last
 
 
@@ -427,14 +427,18 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
     evaluations.append((task_eval.every, _task_evaluation(run, log, task_eval)))
   meta = {"mixture": mixture, "seed": seed, "sequence_length": sequence_length,
           "global_batch_size": global_batch_size}
-  try:
-    state, step, stopped_by_signal, last = _step_loop(
-        run, step_fn, state, skipped, log, evaluations, total_steps=total_steps,
-        log_every=log_every, batch_tokens=global_batch_size * sequence_length,
-        on_non_finite=on_non_finite, max_consecutive_skips=max_consecutive_skips, meta=meta)
-  finally:
-    run.ckpts.close()
-    log.close()
+  # The handler stays until the last checkpoint is complete: a second SIGTERM must not kill the
+  # process while it is being written.
+  with _SigtermFlag() as sigterm:
+    try:
+      state, step, stopped_by_signal, last = _step_loop(
+          run, step_fn, state, skipped, log, evaluations, total_steps=total_steps,
+          log_every=log_every, batch_tokens=global_batch_size * sequence_length,
+          on_non_finite=on_non_finite, max_consecutive_skips=max_consecutive_skips, meta=meta,
+          sigterm=sigterm)
+    finally:
+      run.ckpts.close()
+      log.close()
   final_dir = adapters_dir = None
   if step == total_steps:
     final_dir, adapters_dir = _export(run, state.params, lora, init_checkpoint, tokenizer_dir)
