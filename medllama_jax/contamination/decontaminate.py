@@ -28,7 +28,7 @@ class DecontaminatedCopy:
   def __init__(self, corpus: PreparedCorpus, out_dir: str, overwrite: bool = False):
     self.corpus = corpus
     self.out_dir = out_dir
-    records._claim_out_dir(out_dir, overwrite)
+    records.claim_out_dir(out_dir, overwrite)
 
   def write(self, scanned: Iterable[tuple[CorpusDocument, bool]],
             provenance: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,7 +39,7 @@ class DecontaminatedCopy:
     splits = list(self.corpus.file_patterns)
     num_shards = self.corpus.stats["num_shards"]
     removed = {split: 0 for split in splits}
-    with records._Shards(self.out_dir, splits, num_shards) as shards:
+    with records.ShardWriters(self.out_dir, splits, num_shards) as shards:
       for document, overlaps in scanned:
         if overlaps:
           removed[document.split] += 1
@@ -52,7 +52,7 @@ class DecontaminatedCopy:
         "file_pattern": {split: f"{split}.tfrecord-?????-of-{num_shards:05d}" for split in splits},
         "decontamination": {"source": self.corpus.path, "removed": removed, **provenance},
     }
-    records._write_json(os.path.join(self.out_dir, records.STATS_FILE), stats)
+    records.write_json(os.path.join(self.out_dir, records.STATS_FILE), stats)
     logging.info("%s: decontaminated copy of %s, written %s, removed %s", self.out_dir,
                  self.corpus.path, stats["records_written"], removed)
     return stats

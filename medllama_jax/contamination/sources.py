@@ -112,7 +112,7 @@ class RawCorpus:
                        f"{', '.join(corpora.READERS)}")
     self.name = spec
     self.format = format
-    self.paths = records._expand_inputs([pattern])
+    self.paths = records.expand_inputs([pattern])
     self.rejections = instruct.Rejections()
 
   def documents(self) -> Iterator[CorpusDocument]:

@@ -88,7 +88,7 @@ def _example(record_id: str, text: bytes) -> bytes:
   return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
-class _Shards:
+class ShardWriters:
   """Round-robin TFRecord shards per split, under temporary names until the ``with`` block succeeds."""
 
   def __init__(self, out_dir: str, splits: Sequence[str], num_shards: int):
@@ -101,7 +101,7 @@ class _Shards:
     path = os.path.join(self._out_dir, name)
     return path if final else _temporary(path)
 
-  def __enter__(self) -> _Shards:
+  def __enter__(self) -> ShardWriters:
     try:
       for split, names in self.names.items():
         self._writers[split] = [tf.io.TFRecordWriter(self._path(n, final=False)) for n in names]
@@ -156,7 +156,7 @@ class _Tally:
                  written, sum(self.rejected.values()), self.duplicates)
 
 
-def _expand_inputs(inputs: Sequence[str]) -> list[str]:
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
   """Glob patterns → matching paths (sorted per pattern); a pattern that matches nothing is an error."""
   if isinstance(inputs, str) or not inputs:
     raise ValueError(f"inputs must be a non-empty list of paths or glob patterns, got {inputs!r}")
@@ -178,7 +178,7 @@ def _is_new(data: bytes, seen: set[bytes]) -> bool:
   return True
 
 
-def _claim_out_dir(out_dir: str, overwrite: bool) -> None:
+def claim_out_dir(out_dir: str, overwrite: bool) -> None:
   """Creates ``out_dir``, or clears what an earlier run wrote there when ``overwrite``."""
   if not tf.io.gfile.exists(out_dir):
     tf.io.gfile.makedirs(out_dir)
@@ -192,7 +192,8 @@ def _claim_out_dir(out_dir: str, overwrite: bool) -> None:
       tf.io.gfile.remove(os.path.join(out_dir, name))
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any) -> None:
+  """``value`` as JSON at ``path``, written under a temporary name and renamed into place."""
   temporary = _temporary(path)
   with tf.io.gfile.GFile(temporary, "w") as f:
     f.write(json.dumps(value, indent=2) + "\n")
@@ -213,12 +214,12 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
     raise ValueError(f"need num_shards >= 1, 0 <= validation_fraction < 1, min_chars >= 0; got "
                      f"{num_shards}, {validation_fraction}, {min_chars}")
   corpora.check_options(format, reader_options)
-  paths = _expand_inputs(inputs)
-  _claim_out_dir(out_dir, overwrite)
+  paths = expand_inputs(inputs)
+  claim_out_dir(out_dir, overwrite)
   splits = [TRAIN, VALIDATION] if validation_fraction > 0 else [TRAIN]
   tally = _Tally(out_dir)
   seen: set[bytes] = set()
-  with _Shards(out_dir, splits, num_shards) as shards:
+  with ShardWriters(out_dir, splits, num_shards) as shards:
     for path in paths:
       logging.info("%s: reading %s", out_dir, path)
       for record in corpora.read(format, path, **reader_options):
@@ -250,7 +251,7 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
       "shards": {split: dict(zip(shards.names[split], shards.counts[split])) for split in splits},
       "file_pattern": {split: f"{split}.tfrecord-?????-of-{num_shards:05d}" for split in splits},
   }
-  _write_json(os.path.join(out_dir, STATS_FILE), stats)
+  write_json(os.path.join(out_dir, STATS_FILE), stats)
   logging.info("%s: %d records read, written %s, rejected %s, %d duplicates", out_dir, tally.read,
                stats["records_written"], stats["rejected"], tally.duplicates)
   return stats
