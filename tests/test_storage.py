@@ -8,6 +8,7 @@ natively and are not part of this simulation.
 
 import importlib.resources
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from etils.epath import gpath, testing as epath_testing
 
 from medllama_jax import checkpointing, loading, lora, storage
 from medllama_jax.config import get_config
+from medllama_jax.eval import datasets
 from medllama_jax.supervised import evaluate_or_read, write_comparison
 from medllama_jax.tokenizer import copy_tokenizer_files, load_tokenizer, train_sentencepiece
 
@@ -43,12 +45,18 @@ def bucket(tmp_path: Path, monkeypatch):
       Path(local(path)).parent.mkdir(parents=True, exist_ok=True)
     return original(local(path), mode, *args, **kwargs)
 
+  def glob_objects(original, pattern):
+    if not str(pattern).startswith(BUCKET):
+      return original(pattern)
+    return [BUCKET + "/" + str(Path(match).relative_to(root)) for match in original(local(pattern))]
+
   def two_paths(original, path, dst, *args, **kwargs):
     return original(local(path), local(dst), *args, **kwargs)
 
   mocks = {name: one_path for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "remove",
                                        "rmtree", "stat")}
   mocks["open"] = open_object
+  mocks["glob"] = glob_objects
   mocks.update({name: two_paths for name in ("copy", "rename", "replace")})
   with epath_testing.mock_epath(**mocks):
     yield root
@@ -116,3 +124,13 @@ def test_supervised_results_in_a_bucket(bucket: Path):
   assert json.loads((bucket / "supervised_results.json").read_text())["datasets"] == rows
   assert "| pubmedqa | acc | release | 0.5000 | 1.0000 | +0.5000 |" in (
       bucket / "supervised_results.md").read_text()
+
+
+def test_mibe_datasets_read_from_a_bucket(bucket: Path):
+  """Every dataset's evaluation set and few-shot pool, read from the bucket as from disk."""
+  fixtures = Path(__file__).parent / "fixtures" / "mibe"
+  shutil.copytree(fixtures, bucket / "mibe")
+  for dataset in datasets.SPECS:
+    for shots in (False, True):
+      assert (datasets.read_records(dataset, f"{BUCKET}/mibe/{dataset}", shots)
+              == datasets.read_records(dataset, str(fixtures / dataset), shots)), dataset

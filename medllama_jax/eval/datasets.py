@@ -71,14 +71,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import inspect
+import io
 import json
 import os
 import random
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from etils import epath
 
 from medllama_jax.eval import metrics, scorers
 
@@ -90,14 +92,21 @@ PROMPT_VARIANTS = ("release", "fixed")
 # Readers: one file → records with the dataset's canonical fields, ``answer`` and ``gold``.
 
 
+def _read_text(path: str) -> str:
+  """The file's text exactly as stored (line ends untouched, as csv needs), local or in a bucket."""
+  return epath.Path(path).read_bytes().decode("utf-8")
+
+
 def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(_read_text(path))
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in _read_text(path).split("\n") if line.strip()]
+
+
+def _read_csv_rows(path: str) -> io.StringIO:
+  return io.StringIO(_read_text(path), newline="")
 
 
 def _labelled(answer: str, **fields: Any) -> Record:
@@ -150,9 +159,8 @@ def _read_hoc(path: str) -> list[Record]:
 
 
 def _read_mtsample(path: str) -> list[Record]:
-  with open(path, encoding="utf-8", newline="") as f:
-    return [_labelled(row["medical_specialty"].strip(), transcription=row["transcription"].strip())
-            for row in csv.DictReader(f) if row["transcription"].strip()]
+  return [_labelled(row["medical_specialty"].strip(), transcription=row["transcription"].strip())
+          for row in csv.DictReader(_read_csv_rows(path)) if row["transcription"].strip()]
 
 
 def _cohan_sentences(sentences: Sequence[str]) -> str:
@@ -186,9 +194,8 @@ def _read_mednli(path: str) -> list[Record]:
 
 def _read_mmlu(path: str) -> list[Record]:
   subject = os.path.basename(path).rsplit("_", 1)[0].replace("_", " ")
-  with open(path, encoding="utf-8", newline="") as f:
-    return [_labelled(answer.strip(), subject=subject, question=question, options=options)
-            for question, *options, answer in csv.reader(f)]
+  return [_labelled(answer.strip(), subject=subject, question=question, options=options)
+          for question, *options, answer in csv.reader(_read_csv_rows(path))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,7 +418,7 @@ def dataset_files(dataset: str, dataset_dir: str, shots: bool = False) -> list[s
   where to get the data and where to put it, when there are none."""
   spec = get_spec(dataset)
   pattern = spec.shot_files if shots else spec.test_files
-  files = sorted(glob.glob(os.path.join(dataset_dir, pattern)))
+  files = sorted(os.fspath(p) for p in epath.Path(dataset_dir).glob(pattern))
   if not files:
     role = "few-shot pool (needed for k > 0 shots)" if shots else "evaluation set"
     raise FileNotFoundError(
