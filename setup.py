@@ -20,6 +20,8 @@ setup(
         "flax>=0.11,<0.13",
         "optax>=0.2.4,<0.3",
         "orbax-checkpoint>=0.11.20,<0.13",
+        # Local and bucket (gs://) paths for run directories, model folders and results.
+        "etils[epath]>=1.7",
         "seqio>=0.0.19",
         "tensorflow-datasets>=4.9",
         "sentencepiece>=0.2",

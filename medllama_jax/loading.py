@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from medllama_jax import checkpointing, lora, partitioning, storage, tokenizer as tokenizer_lib
