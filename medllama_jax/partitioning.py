@@ -159,6 +159,13 @@ def unbox(tree: Any) -> Any:
   return nn.meta.unbox(tree)
 
 
+def placed(abstract: Any, shardings: Any) -> Any:
+  """``abstract``'s shapes and dtypes placed on ``shardings``: what a checkpoint is restored onto (so
+  the reader's mesh and device count need not be the writer's) and what the planner compiles for."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def abstract_params(model: nn.Module, example_tokens_shape: tuple[int, int] = (1, 1)) -> Any:
   """The boxed parameter tree as ``ShapeDtypeStruct``s: shapes and logical names, no memory."""
   tokens = jax.ShapeDtypeStruct(example_tokens_shape, np.int32)

@@ -25,16 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    rest, gin_flags = train_cli.split_gin_flags(argv)
-  except ValueError as e:
-    print(f"medllama-supervised: {e}", file=sys.stderr)
-    return 2
-  args = build_parser().parse_args(rest)
+  args, gin_flags = train_cli.parse_command(build_parser(), argv)
   logs.setup()
   partitioning.initialize_distributed()
-  train_cli.parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_path)
+  train_cli.apply_gin(args, gin_flags)
   rows = supervised.run_supervised()
   if rows is None:
     print("training stopped by a termination signal: rerun the same command to resume")

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 
@@ -118,3 +119,14 @@ def test_convert_cli_round_trip_and_errors(demo_dir, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "missing" in err and "config.json" in err
   assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("entry_point", ["medllama_jax.train.cli", "medllama_jax.eval.cli",
+                                         "medllama_jax.supervised_cli", "medllama_jax.plan.cli"])
+def test_malformed_gin_flag_is_a_usage_error(entry_point, capsys):
+  """Every gin-configured command reports ``--gin.NAME`` without a value before doing anything."""
+  main = importlib.import_module(entry_point).main
+  with pytest.raises(SystemExit) as exit_info:
+    main(["--gin_file", "x.gin", "--gin.train.total_steps"])
+  assert exit_info.value.code == 2
+  assert "'--gin.train.total_steps': expected --gin.NAME=VALUE" in capsys.readouterr().err

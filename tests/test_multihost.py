@@ -159,7 +159,7 @@ def tiny_state_target(mesh: jax.sharding.Mesh):
   model = Llama(get_config("tiny"))
   tx, _ = optim.make_optimizer(total_steps=TOTAL_STEPS)
   rules = partitioning.logical_axis_rules()
-  return checkpoints.restore_target(
+  return partitioning.placed(
       partitioning.unbox(train_step.abstract_train_state(model, tx)),
       train_step.train_state_shardings(model, tx, mesh, rules)), model, rules
 

@@ -38,7 +38,7 @@ import seqio_tasks.mibe
 from medllama_jax import chat, logs, partitioning
 from medllama_jax.eval import api, evaluator, paper
 from medllama_jax.eval.datasets import MIBE_DATASETS
-from medllama_jax.train.cli import gin_parser, parse_gin, split_gin_flags
+from medllama_jax.train.cli import apply_gin, gin_parser, parse_command
 
 PAPER_MODEL_BINDING = "medllama_jax.eval.evaluator.write_results.paper_model"
 
@@ -158,18 +158,12 @@ def _compare_to_paper(parser: argparse.ArgumentParser, model: str | None) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    rest, gin_flags = split_gin_flags(argv)
-  except ValueError as e:
-    print(f"medllama-eval: {e}", file=sys.stderr)
-    return 2
   parser = build_parser()
-  args = parser.parse_args(rest)
+  args, gin_flags = parse_command(parser, argv)
   logs.setup()
   partitioning.initialize_distributed()
   if args.gin_file:
-    parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_path)
+    apply_gin(args, gin_flags)
     _compare_to_paper(parser, args.compare_to_paper)
     evaluator.evaluate(**({"write_predictions": True} if args.write_predictions else {}))
     return 0

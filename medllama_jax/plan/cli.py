@@ -84,10 +84,8 @@ def plan(targets: Sequence[Target], compilers: Sequence[str], variants: Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
   try:
-    rest, gin_flags = train_cli.split_gin_flags(argv)
-    args = build_parser().parse_args(rest)
+    args, gin_flags = train_cli.parse_command(build_parser(), argv)
     targets = [parse_target(spec) for spec in args.topology]
     compilers = [devices.choose_compiler(args.compiler, target) for target in targets]
     meshes = [partitioning.parse_mesh_spec(spec) for spec in args.mesh] or [None]

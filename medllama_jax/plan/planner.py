@@ -137,8 +137,7 @@ def abstract_batch(settings: TrainSettings, mesh: Mesh,
 
 
 def _sharded_abstract(boxed: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      partitioning.unbox(boxed), shardings)
+  return partitioning.placed(partitioning.unbox(boxed), shardings)
 
 
 def make_mesh(variant: Variant, devices: list[jax.Device]) -> Mesh:

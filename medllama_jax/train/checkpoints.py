@@ -4,7 +4,7 @@ A step's checkpoint holds three items:
 
 * ``state``: the ``TrainState`` (step, parameters, optimizer state), written by every host from its
   own shards (the primary host writes the metadata) and restored straight onto the target shardings
-  (:func:`restore_target`), whatever mesh or number of hosts wrote it;
+  (``partitioning.placed``), whatever mesh or number of hosts wrote it;
 * ``data``: the input-pipeline position of every data shard (``DataIterator.save``: each process
   writes the shards it reads), so a resumed run reads exactly the examples an uninterrupted run would
   have read next, with as many processes as divide the number of data shards;
@@ -60,13 +60,6 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: CheckpointableIterator
-
-
-def restore_target(abstract_state: Any, shardings: Any) -> Any:
-  """``abstract_state``'s shapes and dtypes placed on ``shardings``: what ``RunCheckpoints.restore``
-  reads a checkpoint onto, so the mesh (and device count) of the reader need not be the writer's."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract_state, shardings)
 
 
 class RunCheckpoints:

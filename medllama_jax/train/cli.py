@@ -68,17 +68,27 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   gin.parse_config_files_and_bindings(list(files), list(bindings))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None
+                  ) -> tuple[argparse.Namespace, list[str]]:
+  """``argv`` (default: the command line) parsed by a :func:`gin_parser`, and its
+  ``--gin.NAME=VALUE`` flags as bindings; a malformed one is a usage error (exit status 2)."""
   try:
-    rest, gin_flags = split_gin_flags(argv)
+    rest, gin_flags = split_gin_flags(list(sys.argv[1:] if argv is None else argv))
   except ValueError as e:
-    print(f"medllama-train: {e}", file=sys.stderr)
-    return 2
-  args = build_parser().parse_args(rest)
+    parser.error(str(e))
+  return parser.parse_args(rest), gin_flags
+
+
+def apply_gin(args: argparse.Namespace, gin_flags: Sequence[str]) -> None:
+  """Parses the gin files and bindings of a command parsed by :func:`parse_command`."""
+  parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args, gin_flags = parse_command(build_parser(), argv)
   logs.setup()
   partitioning.initialize_distributed()
-  parse_gin(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_path)
+  apply_gin(args, gin_flags)
   result = loop.train()
   logging.info("finished at step %d%s", result.step,
                " (termination signal: resume with the same command)" if result.stopped_by_signal

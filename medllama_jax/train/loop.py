@@ -278,7 +278,7 @@ def _start(run: _Run, init_checkpoint: str | None, seed: int) -> tuple[train_ste
   checkpoint's, or fresh (``init_checkpoint``'s or random parameters; fresh LoRA adapters)."""
   latest = run.ckpts.latest_step()
   if latest is not None:
-    abstract_state = checkpoints.restore_target(
+    abstract_state = partitioning.placed(
         partitioning.unbox(train_step.abstract_train_state(run.model, run.tx)), run.state_shardings)
     state, meta = run.ckpts.restore(latest, abstract_state, run.data)
     logging.info("resuming at step %d", latest)
