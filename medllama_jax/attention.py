@@ -4,18 +4,42 @@ One mask rule serves training on packed sequences and decoding with a KV cache: 
 a key when the key's slot is not after the query's slot and both carry the same segment id. Segment id 0
 marks padding (left padding of a prompt batch, the tail of a packed row); such slots only see each other,
 so no softmax row is ever empty. Every back-end computes the same function; they differ in speed.
+
+The fused kernels (``splash``: Pallas splash attention, compiled by Mosaic for TPU; ``cudnn``: cuDNN
+flash attention on GPU) are custom calls that XLA's SPMD partitioner cannot split, so they run inside
+``shard_map`` over the active mesh: each device gets its rows (batch over the data-parallel axes) and
+its heads (over the tensor axis), grouped-query heads staying with their KV head. Which mesh axes hold
+which dimension comes from the logical rules (``partitioning.activation_spec``), never from names here.
+The kernel is picked by the platform of the devices the program is compiled for
+(``partitioning.compile_platform``): a planner on a CPU host compiling for a TPU slice gets Mosaic.
+What a kernel cannot serve (a KV-cache step, a length it cannot tile, a platform without it) runs the
+XLA path, with one log line saying why.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.sharding import PartitionSpec
+
+from medllama_jax import partitioning
 
 # A large finite negative rather than -inf: a fully masked row then gives a uniform softmax instead of NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# Logical axes of the kernels' operands. The sequence stays whole on every shard (None): a kernel
+# needs all keys of its queries' rows.
+_Q_AXES = ("activation_batch", None, "activation_heads", None)
+_KV_AXES = ("activation_batch", None, "activation_kv_heads", None)
+
+# Name of the attention output (and of splash's saved residuals) for remat policies (``model.py``).
+CONTEXT_NAME = "context"
+
+Kernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
@@ -48,11 +72,9 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   return out.reshape(b, t, num_heads, head_dim)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          implementation: str | None = None) -> jax.Array:
-  """``jax.nn.dot_product_attention``; ``implementation="cudnn"`` selects cuDNN flash attention on GPU."""
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :],
-                                      implementation=implementation)
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """``jax.nn.dot_product_attention``'s XLA implementation with this module's mask."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation="xla")
 
 
 def splash_block_size(seq_len: int) -> int | None:
@@ -64,62 +86,164 @@ def splash_block_size(seq_len: int) -> int | None:
   return next((block for block in (512, 256, 128) if seq_len % block == 0), None)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-                     kv_segment_ids: jax.Array, interpret: bool = False) -> jax.Array:
-  """Pallas splash attention (TPU): causal with segment ids, without a cache offset.
+def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
+  """The causal splash kernel for ``num_heads`` query heads.
 
-  ``interpret=True`` runs the kernel through the Pallas interpreter, so CPU tests check it matches.
+  Built inside each trace (its mask tables become constants of that program; the kernel library
+  caches the mask walk itself): a kernel kept across traces would carry arrays of another trace.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-  b, t, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
-  group = num_heads // num_kv_heads
-  block = splash_block_size(t)
-  if block is None:
-    raise ValueError(f"splash attention needs a sequence length divisible by 128; got {t}")
+  block = splash_block_size(seq_len)
   sizes = sk.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                         block_kv_dq=block)
-  mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(group)])
-  kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+  mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
+  return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret,
+                                          residual_checkpoint_name=CONTEXT_NAME)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
+                     kv_segment_ids: jax.Array, interpret: bool = False) -> jax.Array:
+  """Pallas splash attention on one device's shard: causal, with segment ids, grouped-query heads.
+
+  The kernel takes ``[heads, t, d]`` queries and ``[kv_heads, t, d]`` keys and values (query head
+  ``h`` reads KV head ``h // group``) and is mapped over the batch. ``interpret=True`` runs it through
+  the Pallas interpreter (any platform: the CPU tests).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+  b, t, num_heads, head_dim = q.shape
+  kernel = _splash_kernel(num_heads, t, interpret)
   scale = head_dim ** -0.5
 
-  def one_example(q1, k1, v1, q_seg, kv_seg):
-    # q1 [kv_heads, group, t, d]; k1, v1 [kv_heads, t, d]: one MQA kernel call per kv head.
-    segments = sk.SegmentIds(q=q_seg, kv=kv_seg)
-    return jax.vmap(functools.partial(kernel, segment_ids=segments))(q1 * scale, k1, v1)
+  def one_row(q1, k1, v1, q_seg, kv_seg):
+    return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=q_seg, kv=kv_seg))
 
-  qh = q.reshape(b, t, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  out = jax.vmap(one_example)(qh, kh, vh, q_segment_ids, kv_segment_ids)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, num_heads, head_dim).astype(q.dtype)
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  out = jax.vmap(one_row)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k),
+                          heads_first(v), q_segment_ids, kv_segment_ids)
+  return heads_first(out).astype(q.dtype)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
+                    kv_segment_ids: jax.Array) -> jax.Array:
+  """cuDNN flash attention on one device's shard (``jax.nn.dot_product_attention``).
+
+  Causality is cuDNN's own mask, so fully masked tiles are skipped; packed segments enter as a
+  ``[b, 1, t, s]`` additive bias (0 within a segment, a large negative across), read tile by tile
+  by the kernel: 2·t·s bytes per row in bfloat16, against the ``heads × t × s`` float32 scores the
+  XLA path materialises. Grouped-query heads are native to the kernel.
+  """
+  same_segment = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+  bias = jnp.where(same_segment, 0.0, jnp.finfo(q.dtype).min / 2).astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True, implementation="cudnn")
+
+
+def _kv_heads_of_shard(k: jax.Array, v: jax.Array, head_axes: str | tuple[str, ...],
+                       heads_per_shard: int, group: int) -> tuple[jax.Array, jax.Array]:
+  """From all KV heads (replicated along ``head_axes``), the ones this shard's query heads read.
+
+  The shard holds query heads ``[i·n, (i+1)·n)``, which read KV heads ``h // group``: one KV head
+  when ``n`` divides the group (e.g. 70B: 8 KV heads, 16-way tensor, 4 query heads per shard), else
+  one KV head per query head, gathered.
+  """
+  first = jax.lax.axis_index(head_axes) * heads_per_shard
+  if group % heads_per_shard == 0:
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, first // group, 1, axis=2)
+  else:
+    index = (first + jnp.arange(heads_per_shard)) // group
+    take = lambda x: jnp.take(x, index, axis=2)
+  return take(k), take(v)
+
+
+def run_per_shard(kernel: Kernel, q: jax.Array, k: jax.Array, v: jax.Array,
+                  q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+  """``kernel(q, k, v, q_segment_ids, kv_segment_ids)`` on every device's shard of the active mesh.
+
+  Batch and heads are split as the logical rules split them elsewhere in the model; the sequence is
+  whole on each shard. When the KV heads do not divide over the axes that split the query heads,
+  they are replicated along those axes and each shard keeps the ones its query heads read. Without a
+  mesh the kernel runs on the whole arrays.
+  """
+  mesh = partitioning.active_mesh()
+  if mesh is None or mesh.size == 1:
+    return kernel(q, k, v, q_segment_ids, kv_segment_ids)
+  q_spec = partitioning.activation_spec(q.shape, _Q_AXES)
+  kv_spec = partitioning.activation_spec(k.shape, _KV_AXES)
+  segment_spec = PartitionSpec(q_spec[0], None)
+  head_axes = q_spec[2]
+  kv_replicated = head_axes is not None and kv_spec[2] is None
+  heads_per_shard = q.shape[2] // partitioning.mesh_axes_size(mesh, head_axes)
+  group = q.shape[2] // k.shape[2]
+  if kv_replicated:
+    _log_once(f"{k.shape[2]} KV heads do not divide over mesh axes {head_axes} "
+              f"({partitioning.mesh_axes_size(mesh, head_axes)} shards of {q.shape[2]} query "
+              "heads): KV heads are replicated along them and each shard reads its own")
+
+  def body(q, k, v, q_segment_ids, kv_segment_ids):
+    if kv_replicated:
+      k, v = _kv_heads_of_shard(k, v, head_axes, heads_per_shard, group)
+    return kernel(q, k, v, q_segment_ids, kv_segment_ids)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, segment_spec,
+                                                  segment_spec),
+                       out_specs=q_spec, check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+_reported: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+  if message not in _reported:
+    _reported.add(message)
+    logging.info("%s", message)
+
+
+def kernel_for(impl: str, q: jax.Array, k: jax.Array, q_offset: jax.Array | int,
+               platform: str) -> tuple[Kernel | None, str | None]:
+  """``(per-shard kernel, None)`` when ``impl`` can serve this call on ``platform``, else
+  ``(None, why not)``; a cache step, the one limit every kernel shares, comes with no reason."""
+  if not (isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]):
+    return None, None
+  if impl == "splash":
+    if platform == "gpu":
+      return None, "splash attention is a TPU kernel; on GPU the XLA path runs (or use 'cudnn')"
+    if splash_block_size(q.shape[1]) is None:
+      return None, (f"splash attention cannot tile sequence length {q.shape[1]} (needs a multiple "
+                    "of 128); using the XLA attention path")
+    # Mosaic compiles the kernel for TPU; elsewhere (CPU tests and runs) the Pallas interpreter.
+    return functools.partial(splash_attention, interpret=platform != "tpu"), None
+  if impl == "cudnn":
+    if platform != "gpu":
+      return None, f"cuDNN attention needs a GPU (compiling for {platform}); using the XLA path"
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] > 128 or q.shape[-1] % 8:
+      return None, (f"cuDNN flash attention needs bfloat16/float16 and a head dimension <= 128 "
+                    f"divisible by 8 (got {q.dtype}, {q.shape[-1]}); using the XLA path")
+    return cudnn_attention, None
+  raise ValueError(f"unknown attention kernel {impl!r}")
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
            kv_segment_ids: jax.Array, q_offset: jax.Array | int, impl: str) -> jax.Array:
   """Dispatches to the selected back-end; all compute the mask rule of this module.
 
-  Splash only covers what its kernel can tile: a full (not cached) sequence whose length a splash
-  block divides. Anything else (decoding with a KV cache, which needs a query offset; the (1, 1)
-  batch that parameter initialisation traces; a ragged length) runs the XLA path, which computes the
-  same function, so choosing splash never makes a model unusable at some length.
+  The kernels serve a whole sequence (queries and keys the same slots, no cache offset); anything
+  else (a decoding step with a KV cache, the (1, 1) batch that parameter initialisation traces, a
+  length or platform a kernel cannot serve) runs the XLA path, which computes the same function, so
+  choosing a kernel never makes a model unusable somewhere.
   """
-  if impl == "splash":
-    full_sequence = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
-    if full_sequence and splash_block_size(q.shape[1]) is not None:
-      return splash_attention(q, k, v, q_segment_ids, kv_segment_ids,
-                              interpret=jax.default_backend() != "tpu")
-    if full_sequence:  # A cache offset is splash's documented limit; a length is worth a note.
-      logging.info("splash attention cannot tile sequence length %d (needs a multiple of 128); "
-                   "using the XLA attention path", q.shape[1])
+  if impl in ("splash", "cudnn"):
+    kernel, why_not = kernel_for(impl, q, k, q_offset, partitioning.compile_platform())
+    if kernel is not None:
+      return run_per_shard(kernel, q, k, v, q_segment_ids, kv_segment_ids)
+    if why_not:
+      _log_once(why_not)
     impl = "xla"
   mask = attention_mask(q_segment_ids, kv_segment_ids, q_offset)
   if impl == "xla":
     return xla_attention(q, k, v, mask)
   if impl == "dot_product":
     return dot_product_attention(q, k, v, mask)
-  if impl == "cudnn":
-    return dot_product_attention(q, k, v, mask, implementation="cudnn")
   raise ValueError(f"unknown attention implementation {impl!r}")

@@ -17,7 +17,11 @@ import jax.numpy as jnp
 from etils import epath
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "nothing_saveable")
+# "none" keeps every activation; "full" recomputes the whole layer; the others keep what they name
+# (model.py: JAX's dot policies, and MaxText's named-activation policies).
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "nothing_saveable", "minimal",
+                  "minimal_with_context", "save_dot_with_context_except_mlp",
+                  "save_dot_except_mlpwi", "save_dot_except_mlp", "save_qkv_proj", "save_out_proj")
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash")
 STORED_DTYPES = ("float32", "bfloat16", "float16")
 

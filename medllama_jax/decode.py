@@ -177,7 +177,7 @@ def _generate_jit(params: Any, tokens: jax.Array, positions: jax.Array, segment_
     cache = cache._replace(key=_constrain(cache.key, _CACHE_AXES, mesh, rules),
                            value=_constrain(cache.value, _CACHE_AXES, mesh, rules))
     logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache,
-                                last_logits_only=True)
+                                last_logits_only=True, prefill=True)
     first = sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), sampling)
     done = jnp.isin(first, eos)
     out = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first)

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from medllama_jax import attention, lora as lora_lib
 from medllama_jax.config import LlamaConfig
@@ -116,8 +117,16 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+  """Grouped-query self-attention with rotary positions; with a cache, the cache's keys are read too.
+
+  ``prefill`` says the cache was empty before these tokens (a decoding prefill): they then attend
+  among themselves, the same function as attending over the cache, but a full-sequence call that a
+  fused kernel can serve.
+  """
+
   config: LlamaConfig
   lora: LoraConfig | None = None
+  prefill: bool = False
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array,
@@ -138,23 +147,32 @@ class Attention(nn.Module):
     kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
     project = lambda name, w, axes: _plus_lora(
         self.lora, name, jnp.einsum("btd,dnh->btnh", x, w.astype(dtype)), x, w, axes)
-    q = nn.with_logical_constraint(project("q_proj", wq, q_weight_axes), heads_axes)
-    k = nn.with_logical_constraint(project("k_proj", wk, kv_weight_axes), kv_axes)
-    v = nn.with_logical_constraint(project("v_proj", wv, kv_weight_axes), kv_axes)
+    q = checkpoint_name(nn.with_logical_constraint(project("q_proj", wq, q_weight_axes),
+                                                   heads_axes), "query_proj")
+    k = checkpoint_name(nn.with_logical_constraint(project("k_proj", wk, kv_weight_axes), kv_axes),
+                        "key_proj")
+    v = checkpoint_name(nn.with_logical_constraint(project("v_proj", wv, kv_weight_axes), kv_axes),
+                        "value_proj")
     inv_freq = rope_frequencies(cfg)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
     if cache is None:
-      kv_segment_ids, q_offset, new_cache = segment_ids, 0, None
+      out = attention.attend(q, k, v, segment_ids, segment_ids, 0, cfg.attention_impl)
+      new_cache = None
     else:
-      k = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache_index, 1)
-      kv_segment_ids, q_offset, new_cache = cache_segment_ids, cache_index, LayerCache(k, v)
-
-    out = attention.attend(q, k, v, segment_ids, kv_segment_ids, q_offset, cfg.attention_impl)
-    out = nn.with_logical_constraint(out, heads_axes)
+      new_cache = LayerCache(
+          jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), cache_index, 1),
+          jax.lax.dynamic_update_slice_in_dim(cache.value, v.astype(cache.value.dtype), cache_index,
+                                              1))
+      if self.prefill:
+        out = attention.attend(q, k, v, segment_ids, segment_ids, 0, cfg.attention_impl)
+      else:
+        out = attention.attend(q, new_cache.key, new_cache.value, segment_ids, cache_segment_ids,
+                               cache_index, cfg.attention_impl)
+    out = checkpoint_name(nn.with_logical_constraint(out, heads_axes), attention.CONTEXT_NAME)
     y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
-    return _plus_lora(self.lora, "o_proj", y, out, wo, o_weight_axes), new_cache
+    return checkpoint_name(_plus_lora(self.lora, "o_proj", y, out, wo, o_weight_axes),
+                           "out_proj"), new_cache
 
 
 class MLP(nn.Module):
@@ -173,9 +191,11 @@ class MLP(nn.Module):
     mlp_axes = ("activation_batch", "activation_length", "activation_mlp")
     project = lambda name, inputs, w, axes: _plus_lora(self.lora, name, inputs @ w.astype(dtype),
                                                        inputs, w, axes)
-    h = nn.silu(nn.with_logical_constraint(project("gate_proj", x, gate, up_axes), mlp_axes))
-    h = h * nn.with_logical_constraint(project("up_proj", x, up, up_axes), mlp_axes)
-    return project("down_proj", h, down, down_axes)
+    h = nn.silu(checkpoint_name(
+        nn.with_logical_constraint(project("gate_proj", x, gate, up_axes), mlp_axes), "mlpwi_0"))
+    h = h * checkpoint_name(nn.with_logical_constraint(project("up_proj", x, up, up_axes), mlp_axes),
+                            "mlpwi_1")
+    return checkpoint_name(project("down_proj", h, down, down_axes), "mlpwo")
 
 
 class DecoderLayer(nn.Module):
@@ -183,6 +203,7 @@ class DecoderLayer(nn.Module):
 
   config: LlamaConfig
   lora: LoraConfig | None = None
+  prefill: bool = False
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: LayerCache | None,
@@ -191,7 +212,7 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     embed_axes = ("activation_batch", "activation_length", "activation_embed")
-    h, new_cache = Attention(cfg, self.lora, name="self_attn")(
+    h, new_cache = Attention(cfg, self.lora, self.prefill, name="self_attn")(
         RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_layernorm")(x),
         positions, segment_ids, cache, cache_segment_ids, cache_index)
     x = nn.with_logical_constraint(x + h, embed_axes)
@@ -201,11 +222,27 @@ class DecoderLayer(nn.Module):
     return x, new_cache
 
 
+# Activations named with ``checkpoint_name`` in the layer, and what each named policy keeps of them
+# for the backward pass (the rest is recomputed). The names and policies are MaxText's, so a policy
+# tuned there means the same here.
+_QKV = ("query_proj", "key_proj", "value_proj")
+_MLP_IN = ("mlpwi_0", "mlpwi_1")
+_NAMED_POLICIES = {
+    "minimal": (*_QKV, "out_proj", *_MLP_IN, "mlpwo"),
+    "minimal_with_context": (*_QKV, "out_proj", *_MLP_IN, "mlpwo", attention.CONTEXT_NAME),
+    "save_dot_with_context_except_mlp": (*_QKV, attention.CONTEXT_NAME, "out_proj"),
+    "save_dot_except_mlpwi": (*_QKV, "out_proj", "mlpwo"),
+    "save_dot_except_mlp": (*_QKV, "out_proj"),
+    "save_qkv_proj": _QKV,
+    "save_out_proj": ("out_proj",),
+}
 _REMAT_POLICIES = {
     "full": None,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    **{name: jax.checkpoint_policies.save_only_these_names(*names)
+       for name, names in _NAMED_POLICIES.items()},
 }
 
 
@@ -228,10 +265,11 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-               cache: KVCache | None = None, last_logits_only: bool = False
-               ) -> tuple[Array, KVCache | None]:
+               cache: KVCache | None = None, last_logits_only: bool = False,
+               prefill: bool = False) -> tuple[Array, KVCache | None]:
     """``last_logits_only`` computes logits for the final position alone (a decoding prefill needs no
-    more, and ``[batch, length, vocab]`` float32 logits of a long prompt are large)."""
+    more, and ``[batch, length, vocab]`` float32 logits of a long prompt are large). ``prefill``
+    promises that ``cache`` is empty (its index 0), so the tokens attend among themselves."""
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions is None:
@@ -265,14 +303,14 @@ class Llama(nn.Module):
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, new_layer_caches = scanned(cfg, self.lora, name="layers")(
+      x, new_layer_caches = scanned(cfg, self.lora, prefill, name="layers")(
           x, positions, segment_ids, layer_caches, cache_segment_ids, cache_index)
     else:
       per_layer = []
       for i in range(cfg.num_layers):
         layer_cache = None if layer_caches is None else LayerCache(layer_caches.key[i],
                                                                    layer_caches.value[i])
-        x, c = layer_cls(cfg, self.lora, name=f"layers_{i}")(
+        x, c = layer_cls(cfg, self.lora, prefill, name=f"layers_{i}")(
             x, positions, segment_ids, layer_cache, cache_segment_ids, cache_index)
         per_layer.append(c)
       new_layer_caches = None if cache is None else LayerCache(

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -114,14 +114,15 @@ def activate(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
     yield
 
 
-def _mesh_axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+def mesh_axes_size(mesh: Mesh | AbstractMesh, axes: str | tuple[str, ...] | None) -> int:
+  """How many shards the mesh axes ``axes`` (one name, several, or None) split a dimension into."""
   if axes is None:
     return 1
   names = (axes,) if isinstance(axes, str) else axes
   return math.prod(mesh.shape[a] for a in names)
 
 
-def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
+def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh | AbstractMesh,
              rules: LogicalRules) -> PartitionSpec:
   """Logical axes → PartitionSpec for an array of ``shape``.
 
@@ -134,13 +135,43 @@ def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mes
     names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
     if any(n in used for n in names):
       names = ()
-    if names and dim % _mesh_axis_size(mesh, names):
+    if names and dim % mesh_axes_size(mesh, names):
       logging.log_first_n(logging.WARNING, "dimension %d (%s) is not divisible by mesh axes %s; "
                           "replicating it", 8, dim, logical_axes, names)
       names = ()
     used.update(names)
     fixed.append(None if not names else (names[0] if len(names) == 1 else names))
   return PartitionSpec(*fixed)
+
+
+def active_mesh() -> AbstractMesh | None:
+  """The mesh that the program being traced is partitioned over (set by ``activate``), or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def compile_platform() -> str:
+  """``tpu``, ``gpu`` or ``cpu``: the platform of the devices the traced program is compiled for.
+
+  With a mesh active, its devices decide, so compiling for libtpu's compile-only TPU devices on a CPU
+  host (the planner) says ``tpu``; without one, jit compiles for the default device.
+  """
+  mesh = active_mesh()
+  device = mesh.abstract_device if mesh is not None else None
+  platform = device.platform if device is not None else jax.devices()[0].platform
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def activation_spec(shape: Sequence[int], logical_axes: Sequence[str | None]) -> PartitionSpec:
+  """``spec_for`` inside the model: against the active mesh and the logical rules in force.
+
+  An all-replicated spec when no mesh is active. This is how a kernel that must run per shard
+  (``shard_map``) learns which mesh axes hold which of its dimensions without naming any itself.
+  """
+  mesh = active_mesh()
+  if mesh is None:
+    return PartitionSpec(*(None,) * len(shape))
+  return spec_for(shape, logical_axes, mesh, nn.get_logical_axis_rules())
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:
