@@ -52,6 +52,8 @@ setup(
             "scikit-learn>=1.3",
             "seqeval>=1.2.2",
             "bert-score>=0.3.13",
+            # libtpu, the version jax pins: tests compile for compile-only TPU devices (no TPU).
+            "jax[tpu]",
         ],
         # BERTScore for the summarization tasks, with a model folder the user provides.
         "bertscore": ["bert-score>=0.3.13"],

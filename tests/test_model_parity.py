@@ -8,8 +8,11 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
+import io  # noqa: E402
+import re  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -21,6 +24,7 @@ import helpers  # noqa: E402
 from medllama_jax import loading, partitioning  # noqa: E402
 from medllama_jax.config import LlamaConfig  # noqa: E402
 from medllama_jax.convert import hf  # noqa: E402
+from medllama_jax.model import Llama  # noqa: E402
 
 # float32 on both sides; the only differences are summation order and transcendental implementations,
 # which stay around 1e-6 of the largest logit for these 2-layer models. 1e-4 leaves headroom while any
@@ -273,8 +277,10 @@ def _logits_and_grads(loaded, tokens):
 REMAT_RTOL = 1e-5
 
 
-@pytest.mark.parametrize("scan_layers,policies", [(True, ("full", "dots")), (False, ("full",))],
-                         ids=["scan", "unrolled"])
+@pytest.mark.parametrize("scan_layers,policies", [
+    (True, ("full", "dots", "minimal", "save_qkv_proj", "save_dot_with_context_except_mlp")),
+    (False, ("full", "minimal_with_context", "save_dot_except_mlp", "save_dot_except_mlpwi",
+             "save_out_proj"))], ids=["scan", "unrolled"])
 def test_remat_policies_match_none(gqa, mesh, scan_layers, policies):
   tokens = helpers.random_tokens(gqa.hf_model.config.vocab_size, (2, 16), seed=5)
   results = {}
@@ -291,3 +297,37 @@ def test_remat_policies_match_none(gqa, mesh, scan_layers, policies):
     assert set(grads) == set(ref_grads)
     for path in ref_grads:
       assert helpers.rel_err(grads[path], ref_grads[path]) <= REMAT_RTOL, (policy, path)
+
+
+# The MLP's output (``mlpwo``) only feeds the residual sum, whose backward pass does not read it, so
+# no policy keeps it even where allowed; every other named activation is needed when not recomputed.
+NEEDED_BY_BACKWARD = {"query_proj", "key_proj", "value_proj", "context", "out_proj", "mlpwi_0",
+                      "mlpwi_1"}
+
+
+@pytest.mark.parametrize("policy,saved", [
+    ("full", set()),
+    ("minimal", NEEDED_BY_BACKWARD - {"context"}),
+    ("minimal_with_context", NEEDED_BY_BACKWARD),
+    ("save_dot_with_context_except_mlp", {"query_proj", "key_proj", "value_proj", "context",
+                                          "out_proj"}),
+    ("save_dot_except_mlpwi", {"query_proj", "key_proj", "value_proj", "out_proj"}),
+    ("save_dot_except_mlp", {"query_proj", "key_proj", "value_proj", "out_proj"}),
+    ("save_qkv_proj", {"query_proj", "key_proj", "value_proj"}),
+    ("save_out_proj", {"out_proj"}),
+])
+def test_named_remat_policies_save_what_they_name(policy, saved):
+  """The backward pass keeps exactly the named activations of the policy (layers unrolled, so JAX
+  reports each saved value by name), and recomputes the rest."""
+  config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                       num_heads=4, num_kv_heads=2, scan_layers=False, remat_policy=policy)
+  model = Llama(config)
+  tokens = jnp.ones((2, 8), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  report = io.StringIO()
+  with contextlib.redirect_stdout(report):
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: jnp.sum(model.apply({"params": p}, tokens)[0]), params)
+  names = re.findall(r"named '(\w+)'", report.getvalue())
+  assert set(names) == saved
+  assert len(names) == config.num_layers * len(saved)  # each saved name once per layer

@@ -2,11 +2,12 @@
 
   medllama-plan --gin_file=gin/pretrain_me_llama_13b.gin --topology v5p-128 \\
       [--topology v4-128] [--mesh data=1,fsdp=-1,tensor=1 --mesh data=1,fsdp=-1,tensor=4] \\
-      [--remat full --remat dots_with_no_batch_dims] [--gin.train.num_microbatches=8] \\
+      [--remat full --remat minimal] [--attention splash --attention xla] \\
+      [--gin.train.num_microbatches=8] \\
       [--compiler auto|cpu|tpu] [--mfu 0.4] [--hbm_reserve 0.1] [--json plan.json]
 
 The recipe's training step is lowered and compiled for every combination of ``--topology``,
-``--mesh`` and ``--remat`` (gin's mesh and remat policy when none is given) on abstract shapes:
+``--mesh``, ``--remat`` and ``--attention`` (gin's when none is given) on abstract shapes:
 nothing is allocated, no data or checkpoint is read, and the macros naming them (``RUN_DIR``,
 ``DATA_DIR``, ``INIT_CHECKPOINT``) may stay unset. Printed: a Markdown table with, per device,
 parameters and optimizer state (exact, from shapes and shardings), the compiler's temporaries
@@ -29,7 +30,7 @@ import jax
 from absl import logging
 
 from medllama_jax import logs, partitioning
-from medllama_jax.config import REMAT_POLICIES, model_config
+from medllama_jax.config import ATTENTION_IMPLS, REMAT_POLICIES, model_config
 from medllama_jax.plan import devices, planner, report
 from medllama_jax.plan.topology import Target, parse_target
 from medllama_jax.train import cli as train_cli
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "default: the recipe's mesh)")
   parser.add_argument("--remat", action="append", default=[], choices=REMAT_POLICIES,
                       help="remat policy to compare (repeatable; default: the recipe's)")
+  parser.add_argument("--attention", action="append", default=[], choices=ATTENTION_IMPLS,
+                      help="attention back-end to compare (repeatable; default: the recipe's)")
   parser.add_argument("--compiler", default="auto", choices=devices.COMPILERS,
                       help="auto: the TPU compiler for TPU targets when libtpu is installed, else "
                            "the CPU compiler on simulated devices")
@@ -97,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   devices.prepare_backend(max([t.num_chips for t, c in zip(targets, compilers) if c == "cpu"]
                               or [1]))
   parse_recipe(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_path)
-  variants = [planner.Variant(mesh=m, remat=r)
-              for m, r in itertools.product(meshes, args.remat or [None])]
+  variants = [planner.Variant(mesh=m, remat=r, attention=a) for m, r, a in
+              itertools.product(meshes, args.remat or [None], args.attention or [None])]
   try:
     results = plan(targets, compilers, variants)
   except (RuntimeError, jax.errors.JaxRuntimeError) as e:

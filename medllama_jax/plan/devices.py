@@ -6,8 +6,9 @@
   its memory figures are an estimate of the TPU's.
 * ``tpu``: with ``libtpu`` importable, ``jax.experimental.topologies`` describes the slice's real chips
   and torus, and the TPU compiler itself compiles the step for them on this machine. Its memory
-  analysis is the one a run on that slice would get. libtpu serves one process per machine at a
-  time (a lock file), so TPU-compiling plans run one after another.
+  analysis is the one a run on that slice would get, and Pallas kernels (splash attention) are
+  compiled by Mosaic as on the slice. libtpu's one-process-per-machine lock guards real chips;
+  compile-only devices touch none, so plans lift it and may run side by side.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def cpu_devices(count: int) -> list[jax.Device]:
 def tpu_devices(target: Target) -> list[jax.Device]:
   """Compile-only devices of the slice: libtpu's description of its chips and torus, no hardware."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask on this machine
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chips to guard with the lock
   description = topologies.get_topology_desc(
       platform="tpu", topology_name=target.tpu_topology_name,
       chip_config_name=target.chip.chip_config,

@@ -71,10 +71,11 @@ class TrainSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One column of a comparison: a mesh (``None``: gin's) and a remat policy (``None``: gin's)."""
+  """One column of a comparison: a mesh, a remat policy and an attention back-end (``None``: gin's)."""
 
   mesh: dict[str, int] | None = None
   remat: str | None = None
+  attention: str | None = None
 
 
 @dataclasses.dataclass
@@ -90,6 +91,7 @@ class PlanResult:
   target: str
   mesh: dict[str, int]
   remat: str
+  attention: str
   compiler: str
   model_flops_per_step: float
   params: int | None = None
@@ -98,6 +100,8 @@ class PlanResult:
   batch: int | None = None
   gradients: int | None = None
   compiled: CompiledMemory | None = None
+  # Mosaic (Pallas TPU) kernels in the compiled program: splash when the TPU compiler built it.
+  mosaic_kernels: int | None = None
   compiler_flops_per_step: float | None = None
   compile_seconds: float = 0.0
   error: str | None = None
@@ -106,7 +110,7 @@ class PlanResult:
   def label(self) -> str:
     shape = ("x".join(str(self.mesh.get(a, 1)) for a in partitioning.MESH_AXES) if self.mesh
              else "gin mesh")
-    return f"{self.target} {shape} {self.remat}"
+    return f"{self.target} {shape} {self.remat} {self.attention}"
 
   @property
   def activations_and_other(self) -> int | None:
@@ -158,8 +162,10 @@ def plan_variant(config: LlamaConfig, settings: TrainSettings, variant: Variant,
   ``error`` set, so one bad column does not stop a comparison."""
   if variant.remat is not None:
     config = config.replace(remat_policy=variant.remat)
+  if variant.attention is not None:
+    config = config.replace(attention_impl=variant.attention)
   result = PlanResult(target=target.spec, mesh=dict(variant.mesh or {}),
-                      remat=config.remat_policy, compiler=compiler,
+                      remat=config.remat_policy, attention=config.attention_impl, compiler=compiler,
                       model_flops_per_step=model_flops_per_step(config, settings))
   start = time.perf_counter()
   try:
@@ -171,6 +177,7 @@ def plan_variant(config: LlamaConfig, settings: TrainSettings, variant: Variant,
   finally:
     result.compile_seconds = time.perf_counter() - start
   result.compiled = CompiledMemory.of(compiled)
+  result.mosaic_kernels = mosaic_kernel_count(compiled)
   result.compiler_flops_per_step = _compiler_flops(compiled, len(devices))
   logging.info("%s compiled in %.0f s: %.2f GiB per device at peak", result.label,
                result.compile_seconds, result.compiled.peak / 1024**3)
@@ -237,6 +244,12 @@ def _compile(config: LlamaConfig, settings: TrainSettings, variant: Variant,
   with partitioning.activate(mesh, rules):
     lowered = step.lower(inputs.state, inputs.batch, inputs.frozen)
   return lowered.compile(compiler_options=COMPILER_OPTIONS[result.compiler] or None)
+
+
+def mosaic_kernel_count(compiled: jax.stages.Compiled) -> int:
+  """Mosaic kernels (Pallas on TPU: splash attention) called by a compiled program; a loop body
+  (the scanned layers) is counted once. Interpreted Pallas, on other compilers, leaves none."""
+  return compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
 
 def _compiler_flops(compiled: jax.stages.Compiled, num_devices: int) -> float | None:

@@ -80,6 +80,17 @@ def _compiled_bytes(read: Callable[[PlanResult], int]) -> Callable[[PlanResult, 
   return lambda r, t: "—" if r.compiled is None else human_bytes(read(r))
 
 
+def attention_as_compiled(result: PlanResult) -> str:
+  """The attention back-end and what the compiler made of it: a kernel, an interpreter, a fallback."""
+  if result.compiled is None or result.attention in ("xla", "dot_product"):
+    return result.attention
+  if result.attention == "splash":
+    if result.mosaic_kernels:
+      return f"splash: {result.mosaic_kernels} Mosaic kernels (forward, dq, dkv)"
+    return "splash: Pallas interpreter (CPU estimate of the kernel)"
+  return f"{result.attention}: XLA path in this estimate (cuDNN compiles only for GPU devices)"
+
+
 def _rows(settings: TrainSettings, reserve: float, mfu: float, with_frozen: bool) -> list[Row]:
   """The comparison's rows: a label and how to read it from a variant and its target."""
 
@@ -106,6 +117,7 @@ def _rows(settings: TrainSettings, reserve: float, mfu: float, with_frozen: bool
       ("mesh data x fsdp x tensor",
        lambda r, t: " x ".join(str(r.mesh.get(a, "?")) for a in ("data", "fsdp", "tensor"))),
       ("remat policy", lambda r, t: r.remat),
+      ("attention (as compiled)", lambda r, t: attention_as_compiled(r)),
       ("compiler", lambda r, t: r.compiler),
       *exact,
       ("compiled: arguments", _compiled_bytes(lambda r: r.compiled.argument)),
