@@ -129,7 +129,7 @@ def test_side_by_side_table(tiny_plan):
   _, printed = tiny_plan
   lines = printed.splitlines()
   header = next(line for line in lines if line.startswith("| per device |"))
-  assert "`8xH100 1x8x1 full`" in header and "`8xH100 4x2x1 full`" in header
+  assert "`8xH100 1x8x1 full xla`" in header and "`8xH100 4x2x1 full xla`" in header
   rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in lines
           if line.startswith("| ") and not line.startswith("| per device")}
   assert rows["mesh data x fsdp x tensor"][:2] == ["1 x 8 x 1", "4 x 2 x 1"]
@@ -154,7 +154,8 @@ def test_fits_against_a_small_hbm(tiny_plan):
   assert not tight.fits and tight.spare == int(peak * 0.9) - peak
   assert report.fit(peak, hbm_bytes=2 * peak, reserve=0.5).fits
   over = planner.PlanResult(target="v5litepod-16", mesh={"data": 1, "fsdp": 16, "tensor": 1},
-                            remat="full", compiler="cpu", model_flops_per_step=1e15, params=1, optimizer=2, frozen=0, batch=3,
+                            remat="full", attention="xla", compiler="cpu",
+                            model_flops_per_step=1e15, params=1, optimizer=2, frozen=0, batch=3,
                             gradients=1, compiled=CompiledMemory(argument=6, output=7, alias=6,
                                                                  temp=20 * GIB, code=0))
   table = report.comparison_table([over], settings(), reserve=0.1, mfu=0.4)
