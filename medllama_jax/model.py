@@ -64,6 +64,21 @@ def _dense_init(fan_in_dims: tuple[int, ...]):
   return nn.initializers.normal(stddev=1.0 / math.sqrt(math.prod(fan_in_dims)))
 
 
+def contract(x: Array, w: Array, num_contracting: int = 1, **dot_kwargs: Any) -> Array:
+  """``x``'s last ``num_contracting`` dimensions against ``w``'s first ones (``einsum`` semantics),
+  computed as one ``[rows, k] @ [k, n]`` matrix product.
+
+  The reshapes are free (row-major bitcasts, and merging a sharded leading dimension with unsharded
+  ones keeps its sharding), but the 2-D product differentiates into 2-D products whose operands need
+  no transposition: XLA's CPU backend otherwise copies activations into a transposed layout for every
+  weight gradient, which made the CPU train step 40% slower in its MLP alone.
+  """
+  k = math.prod(x.shape[x.ndim - num_contracting:])
+  out_dims = w.shape[num_contracting:]
+  y = jax.lax.dot(x.reshape(-1, k), w.reshape(k, -1), **dot_kwargs)
+  return y.reshape(*x.shape[:x.ndim - num_contracting], *out_dims)
+
+
 def _plus_lora(lora: LoraConfig | None, name: str, y: Array, x: Array, weight: Array,
                weight_axes: tuple[str, ...]) -> Array:
   """``y = x W`` plus LoRA's update of the weight ``name`` when it is a target; ``y`` itself otherwise.
@@ -146,7 +161,7 @@ class Attention(nn.Module):
     heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
     kv_axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
     project = lambda name, w, axes: _plus_lora(
-        self.lora, name, jnp.einsum("btd,dnh->btnh", x, w.astype(dtype)), x, w, axes)
+        self.lora, name, contract(x, w.astype(dtype)), x, w, axes)
     q = checkpoint_name(nn.with_logical_constraint(project("q_proj", wq, q_weight_axes),
                                                    heads_axes), "query_proj")
     k = checkpoint_name(nn.with_logical_constraint(project("k_proj", wk, kv_weight_axes), kv_axes),
@@ -170,7 +185,7 @@ class Attention(nn.Module):
         out = attention.attend(q, new_cache.key, new_cache.value, segment_ids, cache_segment_ids,
                                cache_index, cfg.attention_impl)
     out = checkpoint_name(nn.with_logical_constraint(out, heads_axes), attention.CONTEXT_NAME)
-    y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))
+    y = contract(out, wo.astype(dtype), 2)
     return checkpoint_name(_plus_lora(self.lora, "o_proj", y, out, wo, o_weight_axes),
                            "out_proj"), new_cache
 
@@ -189,8 +204,9 @@ class MLP(nn.Module):
     up = _param(self, "up_proj", _dense_init((d,)), (d, f), up_axes, pdtype)
     down = _param(self, "down_proj", _dense_init((f,)), (f, d), down_axes, pdtype)
     mlp_axes = ("activation_batch", "activation_length", "activation_mlp")
-    project = lambda name, inputs, w, axes: _plus_lora(self.lora, name, inputs @ w.astype(dtype),
-                                                       inputs, w, axes)
+    project = lambda name, inputs, w, axes: _plus_lora(self.lora, name,
+                                                       contract(inputs, w.astype(dtype)), inputs, w,
+                                                       axes)
     h = nn.silu(checkpoint_name(
         nn.with_logical_constraint(project("gate_proj", x, gate, up_axes), mlp_axes), "mlpwi_0"))
     h = h * checkpoint_name(nn.with_logical_constraint(project("up_proj", x, up, up_axes), mlp_axes),
@@ -324,7 +340,7 @@ class Llama(nn.Module):
     else:
       head = _param(self, "lm_head", _dense_init((cfg.hidden_size,)), (cfg.hidden_size, cfg.vocab_size),
                     ("embed", "vocab"), pdtype)
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+    logits = contract(x, head.astype(dtype), preferred_element_type=jnp.float32)
     logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length",
                                                  "activation_vocab"))
     new_cache = None

@@ -165,3 +165,30 @@ def test_compile_platform_follows_the_active_mesh(mesh):
     assert partitioning.activation_spec((8, LENGTH, 4, 16), ("activation_batch", None,
                                                              "activation_heads", None)) == \
         jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+
+
+@pytest.mark.parametrize("length,blocks", [(512, 4), (1024, 8), (256, 2)])
+def test_blocked_causal_attention_equals_the_full_score_matrix(length, blocks):
+  """The XLA path skips the causally masked upper blocks; values and gradients are unchanged."""
+  assert attention.causal_blocks(length) == blocks
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, length, 4, 16)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 16)), jnp.float32) for _ in range(2))
+  segment_ids = np.ones((2, length), np.int32)
+  segment_ids[1, length // 3:] = 2
+  segment_ids[1, -40:] = 0
+  mask = attention.attention_mask(jnp.asarray(segment_ids), jnp.asarray(segment_ids))
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+  full = loss(lambda q, k, v: attention.xla_attention(q, k, v, mask))
+  blocked = loss(lambda q, k, v: attention.blocked_causal_attention(q, k, v, mask, blocks))
+  np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=KERNEL_RTOL)
+  for got, want in zip(jax.grad(blocked, argnums=(0, 1, 2))(q, k, v),
+                       jax.grad(full, argnums=(0, 1, 2))(q, k, v)):
+    assert helpers.rel_err(got, want) <= KERNEL_RTOL
+
+
+def test_short_or_untileable_sequences_are_not_blocked():
+  assert attention.causal_blocks(128) == 1 and attention.causal_blocks(200) == 1
