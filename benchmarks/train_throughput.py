@@ -33,9 +33,8 @@ starts (as the tests do) unless ``XLA_FLAGS`` already sets a device count; ``--d
 to N, ``--devices 0`` leaves ``XLA_FLAGS`` alone. The flag only affects the CPU platform: on a
 GPU/TPU host JAX's default devices are the accelerators and the script runs unchanged.
 
-Peer: MaxText (``import MaxText`` / ``maxtext``) is the reference JAX LLaMA trainer. When it is not
-installed the script says so and prints the MaxText command that trains the same model dimensions on
-the same mesh, to run by hand; it never invents numbers for it.
+The peer, MaxText, is trained on the same devices by ``benchmarks/maxtext_peer.py``, which runs this
+script (``--json``) and MaxText's trainer in turns and prints the ratio.
 
   .venv/bin/python benchmarks/train_throughput.py         # tiny on 1x1x1, 8x1x1, 2x2x2, 1x2x4
   .venv/bin/python benchmarks/train_throughput.py --mesh 2x2x2 --steps 3 --warmup_steps 1
@@ -77,7 +76,7 @@ _HOST_DEVICES_NOTE = configure_host_devices(sys.argv[1:] if __name__ == "__main_
 
 import ast  # noqa: E402
 import dataclasses  # noqa: E402
-import importlib  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -101,7 +100,6 @@ DEFAULT_MESHES = "1x1x1,8x1x1,2x2x2,1x2x4"
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
-PEER_MODULES = ("MaxText", "maxtext")
 
 
 @dataclasses.dataclass
@@ -282,38 +280,15 @@ def markdown_table(rows: Sequence[Row], peak: float | None) -> str:
   return "\n".join(lines)
 
 
-def find_peer() -> tuple[str | None, str]:
-  """(module name, where) of an importable MaxText, or (None, why not)."""
-  errors = []
-  for name in PEER_MODULES:
-    try:
-      module = importlib.import_module(name)
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-      errors.append(f"import {name}: {type(e).__name__}: {e}")
-      continue
-    return name, getattr(module, "__file__", None) or str(getattr(module, "__path__", "?"))
-  return None, "; ".join(errors)
-
-
-def maxtext_command(row: Row, steps: int, hardware: str) -> str:
-  """MaxText's trainer on the same model dimensions, mesh, batch and length (synthetic data)."""
-  c = row.config
-  data, fsdp, tensor = row.mesh
-  remat = {"none": "minimal", "full": "full"}.get(c.remat_policy, c.remat_policy)
-  args = [
-      "run_name=medllama_compare", "base_output_directory=/tmp/maxtext_compare",
-      "dataset_type=synthetic", "enable_checkpointing=false", f"steps={steps}",
-      "decoder_block=llama2", f"base_emb_dim={c.hidden_size}",
-      f"base_mlp_dim={c.intermediate_size}",
-      f"base_num_query_heads={c.num_heads}", f"base_num_kv_heads={c.num_kv_heads}",
-      f"head_dim={c.resolved_head_dim}", f"base_num_decoder_layers={c.num_layers}",
-      f"vocab_size={c.vocab_size}", f"max_target_length={row.seq}",
-      f"per_device_batch_size={row.batch / row.devices:g}", f"ici_data_parallelism={data}",
-      f"ici_fsdp_parallelism={fsdp}", f"ici_tensor_parallelism={tensor}",
-      f"dtype={c.dtype}", f"weight_dtype={c.param_dtype}", f"remat_policy={remat}",
-      f"scan_layers={str(c.scan_layers).lower()}", "attention=dot_product", f"hardware={hardware}",
-  ]
-  return "python3 -m MaxText.train MaxText/configs/base.yml " + " ".join(args)
+def write_json(path: str, rows: Sequence[Row]) -> None:
+  """The rows as JSON: what ``maxtext_peer.py`` reads back from this script's subprocess."""
+  out = [{"label": r.label, "mesh": list(r.mesh), "batch": r.batch, "seq": r.seq,
+          "skipped": r.skipped, "median_step_s": None if r.skipped else r.median_s,
+          "tokens_per_s": None if r.skipped else r.tokens_per_s,
+          "compile_s": None if r.skipped else r.compile_s, "loss": None if r.skipped else r.loss}
+         for r in rows]
+  with open(path, "w") as f:
+    json.dump(out, f, indent=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "XLA_FLAGS sets a count; 0 leaves XLA_FLAGS alone. Read before JAX "
                            "starts, so only when run as a script")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--json", dest="json_path", default=None,
+                      help="also write every row (step times, tokens/s, loss) to this JSON file")
   args = parser.parse_args(argv)
   logs.setup()
   if args.steps < 1 or args.warmup_steps < 0:
@@ -407,22 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           "with more devices share the same cores; CPU numbers compare layouts' overheads, "
           "not accelerator speed.")
 
-  peer, where = find_peer()
-  timed = [r for r in rows if not r.skipped]
-  hardware = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(device.platform, "tpu")
-  if peer is None:
-    print(f"Peer MaxText: not available here ({where}); no peer numbers are reported.")
-  else:
-    print(f"Peer MaxText: importable as {peer} ({where}); this script does not run it.")
-  if timed:
-    print("To compare, run MaxText's trainer on the same devices with the same model dims, mesh, "
-          "batch and length, e.g. for the first row:")
-    print(f"  {maxtext_command(timed[0], args.warmup_steps + args.steps + 1, hardware)}")
-    print("and compare its logged 'Tokens/s/device' and 'TFLOP/s/device' with this table's "
-          "tokens/s/device and model TFLOP/s ÷ devices (both count causal attention at half). "
-          "Older MaxText checkouts: python3 MaxText/train.py MaxText/configs/base.yml ...; a mesh "
-          "smaller than the host needs the devices restricted (e.g. CUDA_VISIBLE_DEVICES). "
-          "remat_policy 'minimal' is MaxText's nearest to our 'none'.")
+  if args.json_path:
+    write_json(args.json_path, rows)
   return 0
 
 
