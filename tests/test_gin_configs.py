@@ -61,7 +61,8 @@ INCLUDED_FILES = [GIN_DIR / "pretrain_me_llama_common.gin"]
 
 def test_every_gin_file_is_covered_by_a_test():
   covered = (set(MODEL_FILES) | set(MESH_FILES) | set(RECIPE_FILES) | set(INCLUDED_FILES)
-             | set(INSTRUCT_RECIPE_FILES) | {EVAL_FILE} | set(SUPERVISED_RECIPE_FILES))
+             | set(INSTRUCT_RECIPE_FILES) | {EVAL_FILE} | set(SUPERVISED_RECIPE_FILES)
+             | set(HARDWARE_FILES))
   assert covered == set(GIN_DIR.rglob("*.gin"))
 
 
@@ -103,6 +104,25 @@ def test_recipe_builds_model_mesh_optimizer_and_mixture(path, prepared):
   if "demo" not in path.stem:
     assert cfg.dtype == "bfloat16" and train["sequence_length"] == 4096
     assert train["global_batch_size"] * train["sequence_length"] * train["total_steps"] >= 129e9
+    assert cfg.attention_impl == "splash"  # the TPU recipes run the Mosaic kernel
+
+
+HARDWARE_FILES = sorted((GIN_DIR / "hardware").glob("*.gin"))
+EXPECTED_HARDWARE = {"tpu": ("splash", "bfloat16"), "gpu": ("cudnn", "bfloat16")}
+
+
+@pytest.mark.parametrize("path", HARDWARE_FILES, ids=lambda p: p.stem)
+def test_hardware_gin_after_a_recipe_sets_the_attention_kernel(path, prepared):
+  """Given after a recipe (as its comment says to), the file decides the attention back-end."""
+  from medllama_jax.train import cli, loop  # noqa: F401  (gin configurables)
+
+  cli.parse_gin([str(GIN_DIR / "pretrain_me_llama_13b.gin"), str(path)],
+                [f"RUN_DIR = '{prepared / 'run'}'", f"DATA_DIR = '{prepared / 'data'}'",
+                 f"INIT_CHECKPOINT = '{prepared / 'model'}'"], [])
+  cfg = config.model_config()
+  assert (cfg.attention_impl, cfg.dtype) == EXPECTED_HARDWARE[path.stem]
+  params = partitioning.unbox(partitioning.abstract_params(Llama(cfg)))
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
 
 
 INSTRUCT_RECIPE_FILES = sorted(GIN_DIR.glob("instruct_me_llama_*b.gin")) + [
@@ -146,6 +166,7 @@ def test_instruct_recipe_builds_model_mesh_optimizer_and_mixture(path, instruct_
   adapters = gin.query_parameter("medllama_jax.train.loop.train.lora").scoped_configurable_fn()
   assert isinstance(adapters, lora.LoraConfig)
   assert (adapters.rank, adapters.alpha) == ((8, 16.0) if demo_recipe else (16, 32.0))
+  assert cfg.attention_impl == ("xla" if demo_recipe else "splash")
   warmup, peak = (0.1, 1e-3) if demo_recipe else (0.03, 1e-5)
   np.testing.assert_allclose(float(schedule(round(warmup * train["total_steps"]))), peak, rtol=1e-6)
   if demo_recipe:
@@ -214,6 +235,7 @@ def test_supervised_recipe_builds_model_mesh_optimizer_and_mixture(path, instruc
   adapters = gin.query_parameter("medllama_jax.train.loop.train.lora").scoped_configurable_fn()
   assert isinstance(adapters, lora.LoraConfig)
   assert (adapters.rank, adapters.alpha) == ((8, 16.0) if demo_recipe else (16, 32.0))
+  assert cfg.attention_impl == ("xla" if demo_recipe else "splash")
   warmup, peak = (0.1, 1e-2) if demo_recipe else (0.03, 1e-5)
   _, schedule = optim.make_optimizer(total_steps=1000)
   np.testing.assert_allclose(float(schedule(round(warmup * 1000))), peak, rtol=1e-6)
