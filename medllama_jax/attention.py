@@ -224,12 +224,15 @@ def _log_once(message: str) -> None:
 def kernel_for(impl: str, q: jax.Array, k: jax.Array, q_offset: jax.Array | int,
                platform: str) -> tuple[Kernel | None, str | None]:
   """``(per-shard kernel, None)`` when ``impl`` can serve this call on ``platform``, else
-  ``(None, why not)``; a cache step, the one limit every kernel shares, comes with no reason."""
+  ``(None, why not)``; a cache step (which no kernel serves) and a sequence shorter than one splash
+  tile (which the XLA path serves as well) come with no reason to log."""
   if not (isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]):
     return None, None
   if impl == "splash":
     if platform == "gpu":
       return None, "splash attention is a TPU kernel; on GPU the XLA path runs (or use 'cudnn')"
+    if q.shape[1] < 128:  # shorter than one tile (the parameter-init trace, a short prompt)
+      return None, None
     if splash_block_size(q.shape[1]) is None:
       return None, (f"splash attention cannot tile sequence length {q.shape[1]} (needs a multiple "
                     "of 128); using the XLA attention path")

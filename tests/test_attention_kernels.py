@@ -128,7 +128,7 @@ def test_decode_prefill_runs_splash_and_generates_the_xla_ids(mesh):
 
 
 @pytest.mark.parametrize("impl,platform,length,dtype,reason", [
-    ("splash", "cpu", 100, jnp.float32, "cannot tile sequence length 100"),
+    ("splash", "cpu", 200, jnp.float32, "cannot tile sequence length 200"),
     ("splash", "gpu", 128, jnp.bfloat16, "TPU kernel"),
     ("cudnn", "tpu", 128, jnp.bfloat16, "needs a GPU"),
     ("cudnn", "cpu", 128, jnp.bfloat16, "needs a GPU"),
@@ -153,9 +153,10 @@ def test_cudnn_is_chosen_on_gpu_for_bfloat16():
   assert attention.kernel_for("cudnn", q, q, 0, "gpu") == (attention.cudnn_attention, None)
 
 
-def test_a_cache_step_runs_the_xla_path_silently():
+def test_a_cache_step_or_a_short_sequence_runs_the_xla_path_silently():
   q, cache = jnp.zeros((1, 1, 4, 16)), jnp.zeros((1, LENGTH, 2, 16))
   assert attention.kernel_for("splash", q, cache, jnp.int32(5), "tpu") == (None, None)
+  assert attention.kernel_for("splash", q, q, 0, "tpu") == (None, None)
 
 
 def test_compile_platform_follows_the_active_mesh(mesh):
