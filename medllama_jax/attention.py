@@ -156,9 +156,15 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
   by the kernel: 2·t·s bytes per row in bfloat16, against the ``heads × t × s`` float32 scores the
   XLA path materialises. Grouped-query heads are native to the kernel.
   """
+  return jax.nn.dot_product_attention(q, k, v, bias=segment_bias(q_segment_ids, kv_segment_ids,
+                                                                 q.dtype),
+                                      is_causal=True, implementation="cudnn")
+
+
+def segment_bias(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, dtype) -> jax.Array:
+  """``[b, 1, t, s]``: 0 where query and key share a segment, a large negative elsewhere."""
   same_segment = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
-  bias = jnp.where(same_segment, 0.0, jnp.finfo(q.dtype).min / 2).astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True, implementation="cudnn")
+  return jnp.where(same_segment, 0.0, jnp.finfo(dtype).min / 2).astype(dtype)
 
 
 def _kv_heads_of_shard(k: jax.Array, v: jax.Array, head_axes: str | tuple[str, ...],

@@ -193,3 +193,18 @@ def test_blocked_causal_attention_equals_the_full_score_matrix(length, blocks):
 
 def test_short_or_untileable_sequences_are_not_blocked():
   assert attention.causal_blocks(128) == 1 and attention.causal_blocks(200) == 1
+
+
+def test_cudnn_is_asked_for_the_xla_paths_function():
+  """cuDNN needs a GPU, so its kernel cannot run here; what it is asked to compute can: causal
+  attention plus the segment bias, through jax's reference implementation of the same call."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(2, LENGTH, 4, 16)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, LENGTH, 2, 16)), jnp.float32) for _ in range(2))
+  _, _, segment_ids = packed_batch(64, batch=2)
+  segment_ids = jnp.asarray(segment_ids)
+  expected = attention.xla_attention(q, k, v, attention.attention_mask(segment_ids, segment_ids))
+  asked = jax.nn.dot_product_attention(
+      q, k, v, bias=attention.segment_bias(segment_ids, segment_ids, q.dtype), is_causal=True,
+      implementation="xla")
+  assert helpers.rel_err(asked, expected) <= KERNEL_RTOL
