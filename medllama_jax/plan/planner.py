@@ -100,7 +100,8 @@ class PlanResult:
   batch: int | None = None
   gradients: int | None = None
   compiled: CompiledMemory | None = None
-  # Mosaic (Pallas TPU) kernels in the compiled program: splash when the TPU compiler built it.
+  # Mosaic (Pallas TPU) kernel calls in the compiled program: splash when the TPU compiler built it
+  # (forward, dq and dkv, and the forward again when the remat policy recomputes it).
   mosaic_kernels: int | None = None
   compiler_flops_per_step: float | None = None
   compile_seconds: float = 0.0

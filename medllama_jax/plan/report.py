@@ -86,7 +86,7 @@ def attention_as_compiled(result: PlanResult) -> str:
     return result.attention
   if result.attention == "splash":
     if result.mosaic_kernels:
-      return f"splash: {result.mosaic_kernels} Mosaic kernels (forward, dq, dkv)"
+      return f"splash: {result.mosaic_kernels} Mosaic kernel calls in the program"
     return "splash: Pallas interpreter (CPU estimate of the kernel)"
   return f"{result.attention}: XLA path in this estimate (cuDNN compiles only for GPU devices)"
 
