@@ -67,7 +67,7 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
 
   Block ``i`` needs only the keys up to its last query (the rest are masked by causality), so the
   upper triangle of score blocks is never computed: with n blocks, (n + 1) / 2n of the FLOPs and of
-  the score memory, and each block's scores are dead before the next block's exist.
+  the score memory, and the blocks' scores need not all be live at once.
   """
   size = q.shape[1] // num_blocks
   outs = [xla_attention(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size],
