@@ -6,6 +6,9 @@ time (Orbax partial saves, finalized at the end) so memory stays bounded by the 
 per-layer layout (``layers_0``, ``layers_1``, ...). Models that scan over layers keep their parameters
 stacked (``layers`` with a leading layer axis); ``load_params`` converts between the two layouts, so any
 checkpoint loads into any model configuration, straight onto its target shardings.
+
+Orbax takes only absolute local paths, so every function here resolves the folder it is given
+(``storage.absolute``): a relative path means the current directory, as on any command line.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
+
+from medllama_jax import storage
 
 PARAMS_DIR = "params"
 _LAYER_KEY = re.compile(r"layers_(\d+)$")
@@ -69,6 +74,7 @@ def save_params_streaming(directory: str, tensors: Iterable[tuple[ParamPath, np.
   Nothing appears at ``directory`` until every tensor is written: an interrupted conversion leaves only
   Orbax's ``*.partial_save`` staging folder behind. Returns the number of tensors written.
   """
+  directory = storage.absolute(directory)
   if epath.Path(directory).exists():
     raise FileExistsError(f"{directory}: refusing to overwrite an existing checkpoint")
   count = 0
@@ -84,12 +90,14 @@ def save_params_streaming(directory: str, tensors: Iterable[tuple[ParamPath, np.
 
 def save_params(directory: str, params: Any) -> None:
   """Writes a whole (possibly sharded) parameter tree; every host calls this together."""
+  directory = storage.absolute(directory)
   with _quiet():
     ocp.save(directory, params)
 
 
 def params_metadata(directory: str) -> dict[ParamPath, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of every tensor in a parameter checkpoint, without reading any data."""
+  directory = storage.absolute(directory)
   if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f"{directory}: no parameter checkpoint (expected an Orbax folder)")
   with _quiet():
@@ -105,6 +113,7 @@ def read_tensors(directory: str, paths: Iterable[ParamPath],
                  metadata: dict[ParamPath, jax.ShapeDtypeStruct] | None = None
                  ) -> dict[ParamPath, np.ndarray]:
   """Reads only the named tensors to host memory (the rest of the checkpoint is not touched)."""
+  directory = storage.absolute(directory)
   metadata = params_metadata(directory) if metadata is None else metadata
   wanted = set(paths)
   unknown = wanted - set(metadata)
@@ -152,6 +161,7 @@ def load_params(directory: str, abstract: Any, shardings: Any) -> Any:
   over layers); ``shardings`` a matching tree of ``NamedSharding``. Checkpoints in the other layout are
   read per layer and stacked (or sliced) on the devices, one parameter group at a time.
   """
+  directory = storage.absolute(directory)
   stored = params_metadata(directory)
   target = flatten(abstract)
   target_shardings = flatten(shardings)

@@ -121,6 +121,25 @@ def test_convert_cli_round_trip_and_errors(demo_dir, tmp_path, capsys):
   assert not (tmp_path / "x").exists()
 
 
+def test_model_folders_may_be_named_relative_to_the_current_directory(demo_dir, tmp_path,
+                                                                      monkeypatch, capsys):
+  """Orbax takes only absolute paths; every command resolves what it is given against the cwd."""
+  monkeypatch.chdir(tmp_path)
+  hf_export = os.path.relpath(demo_dir / "hf_export", tmp_path)
+  assert convert_cli.main(["hf-to-orbax", "--hf_dir", hf_export, "--out", "model"]) == 0
+  assert convert_cli.main(["orbax-to-hf", "--ckpt", "model", "--out", "exported"]) == 0
+  assert (tmp_path / "exported" / "config.json").is_file()
+  capsys.readouterr()
+  generated = {}
+  for name, folder in (("relative", "model"), ("absolute", str(tmp_path / "model"))):
+    assert generate_cli.main(["--model", folder, "--prompt", PROMPTS[0], "--max_new_tokens", "4",
+                              "--json"]) == 0
+    generated[name] = json.loads(capsys.readouterr().out)["token_ids"]
+  assert generated["relative"] == generated["absolute"] and len(generated["relative"]) == 4
+  mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  assert loading.load_model(os.path.join("..", tmp_path.name, "model"), mesh).params
+
+
 @pytest.mark.parametrize("entry_point", ["medllama_jax.train.cli", "medllama_jax.eval.cli",
                                          "medllama_jax.supervised_cli", "medllama_jax.plan.cli"])
 def test_malformed_gin_flag_is_a_usage_error(entry_point, capsys):
