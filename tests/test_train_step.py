@@ -113,6 +113,21 @@ def test_non_finite_step_leaves_state_unchanged():
     np.testing.assert_array_equal(x, y)
 
 
+def test_overflowing_update_leaves_state_unchanged():
+  """Loss and gradients finite, but a learning rate past float32's range makes the new parameters
+  infinite: the step must not accept them (they would reach the next checkpoint)."""
+  model = Llama(CONFIG)
+  params = partitioning.unbox(model.init(jax.random.key(0), np.ones((1, 1), np.int32))["params"])
+  opt = optax.sgd(1e39)
+  state = train_step.TrainState(step=np.int32(3), params=params, opt_state=opt.init(params))
+  new, metrics = jax.jit(train_step.make_train_step(model, opt))(state, make_batches(1)[0])
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert not bool(metrics["finite"])
+  assert int(new.step) == 3
+  for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_schedule_warmup_then_cosine():
   schedule = optim.learning_rate_schedule(8e-6, total_steps=100, warmup_fraction=0.05)
   assert float(schedule(0)) == 0.0

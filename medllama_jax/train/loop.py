@@ -11,9 +11,9 @@ streams batches of a seqio task or mixture, and runs the sharded train step unti
   MFU (accelerators with a known peak) go to the log, to TensorBoard (``run_dir/tensorboard``) and to
   ``run_dir/metrics.jsonl``; every ``eval_every`` steps the loss on a held-out split, and with
   ``task_eval`` (``task_eval.py``) MIBE tasks run on the parameters in memory every N steps.
-* A step whose loss or gradient is not finite never changes the state (see ``step.py``): the run stops
-  with an error naming the step (``on_non_finite="stop"``) or skips that batch (``"skip"``), so a NaN
-  never reaches a checkpoint.
+* A step whose loss, gradient or updated parameters are not finite never changes the state (see
+  ``step.py``): the run stops with an error naming the step (``on_non_finite="stop"``) or skips that
+  batch (``"skip"``), so a NaN never reaches a checkpoint.
 * SIGTERM (TPU maintenance, preemption) saves the current step and returns cleanly.
 * At the end the parameters are written as a model folder (``run_dir/final_model``: Orbax ``params/``,
   ``config.json``, tokenizer files) that ``medllama-convert orbax-to-hf`` exports and
@@ -337,8 +337,8 @@ def _step_loop(run: _Run, step_fn, state: train_step.TrainState, skipped: int, l
     state, metrics = step_fn(state, pipeline.global_batch(next(run.data), run.mesh, run.rules))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not metrics["finite"]:
-      message = (f"step {step + 1}: loss {metrics['loss']} / gradient norm "
-                 f"{metrics['grad_norm']} is not finite")
+      message = (f"step {step + 1}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']} "
+                 "or the updated parameters are not finite")
       if on_non_finite == "stop":
         raise NonFiniteLossError(f"{message}; the state was not updated and no checkpoint "
                                  f"holds it (latest: {run.ckpts.latest_step()})")

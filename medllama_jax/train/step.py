@@ -6,8 +6,8 @@ pre-training rows (loss weight 1 on real tokens) and instruction tuning (loss we
 
 Gradient accumulation scans over microbatches inside one step and normalises by the loss weights of the
 whole global batch, so accumulating ``k`` microbatches gives the same update as one batch ``k`` times as
-large. A step whose loss or gradient is not finite leaves the state unchanged and says so in its metrics;
-the training loop decides whether to stop or carry on.
+large. A step whose loss, gradient or updated parameters are not finite leaves the state unchanged and
+says so in its metrics; the training loop decides whether to stop or carry on.
 
 With LoRA (``model.lora`` set) the state's parameters are the adapters alone: the frozen base is an
 argument of the step, so it is in neither the gradients nor the optimizer state, and optimizer memory is
@@ -70,6 +70,11 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
   return {k: split(v) for k, v in batch.items()}
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every element of every array in ``tree`` is finite (a scalar bool)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def model_params(params: Any, frozen: Any | None) -> Any:
   """The tree the model applies: ``params`` alone, or the frozen base joined with LoRA adapters."""
   return params if frozen is None else lora.join(frozen, params)
@@ -115,7 +120,8 @@ def make_train_step(model: Llama, optimizer: optax.GradientTransformation, num_m
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loss = sums["loss_sum"] / denominator
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The new parameters too: finite gradients can still make an overflowing update.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(step=state.step + finite.astype(state.step.dtype),
                            params=keep(params, state.params),
