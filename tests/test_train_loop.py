@@ -141,6 +141,10 @@ def test_resume_after_sigterm_and_kill_equals_uninterrupted_run(workspace, tmp_p
   assert "resuming at step" in finished.stderr
 
   assert losses_by_step(resumed) == reference  # exact float equality, every step
+  # Steps redone after each resume replace their first records: every step is logged once.
+  records = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
+  assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, TOTAL_STEPS + 1))
+  assert [r["step"] for r in records if r["split"] == "eval"] == [4, 8]
   a, b = final_params(straight), final_params(resumed)
   assert a.keys() == b.keys()
   for name in a:

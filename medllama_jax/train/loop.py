@@ -127,15 +127,44 @@ def _initial_params(model: Llama, init_checkpoint: str | None, mesh, rules, seed
   return loaded.params
 
 
+def _drop_records_after(path: epath.Path, step: int) -> None:
+  """Rewrites ``metrics.jsonl`` (atomically) without the records of steps after ``step``.
+
+  A resumed run redoes the steps between its checkpoint and the interruption and logs them again;
+  without this they would appear twice. A line cut short by the interruption is dropped too.
+  """
+  if not path.exists():
+    return
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines():
+    try:
+      keep = json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):
+      keep = False
+    if keep:
+      kept.append(line + "\n")
+    else:
+      dropped += 1
+  if dropped:
+    staging = path.parent / f"{path.name}.rewrite"
+    staging.write_text("".join(kept))
+    staging.replace(path)
+    logging.info("%s: %d records past step %d dropped (they are redone from the checkpoint)",
+                 path, dropped, step)
+
+
 class _MetricsLog:
   """Averages step metrics between logs and writes them to the log, TensorBoard and JSON lines."""
 
   def __init__(self, run_dir: str, config: LlamaConfig, sequence_length: int, total_steps: int,
-               schedule, num_devices: int):
+               schedule, num_devices: int, start_step: int):
     self._primary = jax.process_index() == 0
     self._writer = metric_writers.create_default_writer(
         os.path.join(run_dir, "tensorboard"), just_logging=not self._primary, asynchronous=False)
-    self._jsonl = (epath.Path(run_dir, "metrics.jsonl").open("a") if self._primary else None)
+    jsonl = epath.Path(run_dir, "metrics.jsonl")
+    if self._primary:
+      _drop_records_after(jsonl, start_step)
+    self._jsonl = jsonl.open("a") if self._primary else None
     self._config, self._length, self._total = config, sequence_length, total_steps
     self._schedule, self._devices = schedule, num_devices
     self._peak = throughput.peak_flops_per_device()
@@ -417,7 +446,7 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
       train_step.make_train_step(run.model, run.tx, num_microbatches, z_loss, dropout_seed=seed),
       run.state_shardings, run.mesh, run.rules, run.frozen)
   log = _MetricsLog(run_dir, run.config, sequence_length, total_steps, run.schedule,
-                    run.mesh.devices.size)
+                    run.mesh.devices.size, start_step=int(state.step))
   evaluations: list[tuple[int, Evaluation]] = []
   if eval_every:
     evaluations.append((eval_every, _loss_evaluation(run, log, mixture, sequence_length,
