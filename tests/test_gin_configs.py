@@ -107,6 +107,19 @@ def test_recipe_builds_model_mesh_optimizer_and_mixture(path, prepared):
     assert cfg.attention_impl == "splash"  # the TPU recipes run the Mosaic kernel
 
 
+def test_recipes_named_from_the_repository_are_found_from_any_directory(prepared, tmp_path,
+                                                                        monkeypatch):
+  """``--gin_file=gin/...`` as the README writes it, run from a folder outside the checkout."""
+  from medllama_jax.train import cli, loop  # noqa: F401  (gin configurables)
+
+  monkeypatch.chdir(tmp_path)
+  cli.parse_gin(["gin/pretrain_me_llama_13b.gin", "gin/hardware/gpu.gin"],
+                [f"RUN_DIR = '{prepared / 'run'}'", f"DATA_DIR = '{prepared / 'data'}'",
+                 f"INIT_CHECKPOINT = '{prepared / 'model'}'"], [])
+  cfg = config.model_config()
+  assert (cfg.hidden_size, cfg.attention_impl) == (5120, "cudnn")
+
+
 HARDWARE_FILES = sorted((GIN_DIR / "hardware").glob("*.gin"))
 EXPECTED_HARDWARE = {"tpu": ("splash", "bfloat16"), "gpu": ("cudnn", "bfloat16")}
 

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -65,8 +64,7 @@ def parse_recipe(files: Sequence[str], bindings: Sequence[str],
                  search_paths: Sequence[str]) -> None:
   """Parses gin like ``medllama-train`` but leaves the config unfinalised: finalising checks that
   every macro is set, and a plan never reads what ``RUN_DIR``/``DATA_DIR``/``INIT_CHECKPOINT`` name."""
-  for path in [*search_paths, os.getcwd(), str(train_cli.PROJECT_GIN_DIR)]:
-    gin.add_config_file_search_path(path)
+  train_cli.add_gin_search_paths(search_paths)
   gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
 
 

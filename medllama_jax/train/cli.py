@@ -6,7 +6,8 @@
 
 Every host of a pod runs the same command. ``--gin.NAME=VALUE`` is a binding ``NAME = VALUE``: string
 values need their inner quotes. Gin files are looked up as given, then in the project's ``gin/``
-folder (so ``include 'models/llama2_13b.gin'`` works from any directory). ``train.run_dir`` is
+folder and its root (so ``include 'models/llama2_13b.gin'`` and ``--gin_file=gin/...`` work from any
+directory). ``train.run_dir`` is
 required (the recipes bind it to the macro ``RUN_DIR``).
 """
 
@@ -62,9 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
   return gin_parser("medllama-train", __doc__, "train.total_steps = 100")
 
 
-def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
-  for path in [*search_paths, os.getcwd(), str(PROJECT_GIN_DIR)]:
+def add_gin_search_paths(search_paths: Sequence[str]) -> None:
+  """Where gin files and their includes are looked up: the folders given, the current directory,
+  the project's ``gin/`` folder (``include 'models/llama2_13b.gin'``) and the project's root
+  (``--gin_file=gin/demo/pretrain_demo.gin``), so the project's recipes are found from any directory."""
+  for path in [*search_paths, os.getcwd(), str(PROJECT_GIN_DIR), str(PROJECT_GIN_DIR.parent)]:
     gin.add_config_file_search_path(path)
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+  add_gin_search_paths(search_paths)
   gin.parse_config_files_and_bindings(list(files), list(bindings))
 
 
