@@ -9,6 +9,7 @@ import importlib.resources  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import ml_dtypes  # noqa: E402
@@ -21,9 +22,11 @@ import transformers  # noqa: E402
 import helpers  # noqa: E402
 from medllama_jax import checkpointing, loading  # noqa: E402
 from medllama_jax.config import LlamaConfig  # noqa: E402
-from medllama_jax.convert import cli, hf, meta  # noqa: E402
+from medllama_jax.cli import convert as cli  # noqa: E402
+from medllama_jax.convert import hf, meta  # noqa: E402
 from medllama_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
 from medllama_jax.convert.sources import ConversionError, SafetensorsSource, TensorSource  # noqa: E402
+from medllama_jax.convert.staging import staged_directory  # noqa: E402
 from medllama_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
 
 TOKENIZER_VOCAB = 512
@@ -523,6 +526,52 @@ def test_export_without_params_fails(tmp_path, orbax_dir):
   with pytest.raises(FileNotFoundError, match=str(ckpt / "params")):
     hf.orbax_to_hf(str(ckpt), str(tmp_path / "out"))
   _assert_nothing_left(tmp_path / "out")
+
+
+# ---- Permissions ----
+
+
+@pytest.fixture(params=[0o022])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+  """The process umask set to ``request.param`` for one test, the previous one restored after it."""
+  previous = os.umask(request.param)
+  yield request.param
+  os.umask(previous)
+
+
+def _modes(directory: Path) -> dict[str, int]:
+  """The permission bits of ``directory`` and of everything under it, by relative path."""
+  return {os.path.relpath(p, directory): p.stat().st_mode & 0o7777
+          for p in [directory, *directory.rglob("*")]}
+
+
+def _umask_modes(directory: Path, umask: int) -> dict[str, int]:
+  """What ``_modes`` gives for a tree created under ``umask``: folders 0777, files 0666, less it."""
+  return {os.path.relpath(p, directory): (0o777 if p.is_dir() else 0o666) & ~umask
+          for p in [directory, *directory.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o027], indirect=True)
+def test_staged_folder_gets_the_umask_mode(tmp_path, umask):
+  with staged_directory(str(tmp_path / "out")) as staging:
+    (Path(staging) / "sub").mkdir()
+    (Path(staging) / "sub" / "file").write_text("x")
+  assert _modes(tmp_path / "out") == {".": 0o750, "sub": 0o750, os.path.join("sub", "file"): 0o640}
+
+
+def test_converted_and_exported_folders_get_the_umask_modes(tmp_path, hf_dir, umask):
+  """Under umask 022 a model folder and a HF export are 0755 with 0644 files, even from a source
+  whose files are private (0600): side files are copied without their mode."""
+  source = tmp_path / "private"
+  shutil.copytree(hf_dir, source)
+  for path in source.iterdir():
+    path.chmod(0o600)
+  hf.hf_to_orbax(str(source), str(tmp_path / "orbax"))
+  hf.orbax_to_hf(str(tmp_path / "orbax"), str(tmp_path / "export"))
+  for folder in (tmp_path / "orbax", tmp_path / "export"):
+    modes = _modes(folder)
+    assert modes[os.curdir] == 0o755 and modes["generation_config.json"] == 0o644
+    assert modes == _umask_modes(folder, umask)
 
 
 # ---- Streaming ----

@@ -17,7 +17,8 @@ import seqio
 from medllama_jax import checkpointing, partitioning, tokenizer
 from medllama_jax.config import get_config
 from medllama_jax.demo import demo_text_path
-from medllama_jax.eval import cli, evaluator
+from medllama_jax.cli import eval as cli
+from medllama_jax.eval import evaluator
 from medllama_jax.model import Llama
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mibe"
@@ -56,6 +57,13 @@ def expected_keys(task_name: str) -> set[str]:
   return keys
 
 
+def markdown_sections(text: str) -> tuple[list[str], list[str]]:
+  """The table lines of results.md's two sections: the scores, then per task counts and seeds."""
+  _, scores, tasks = text.split("\n## ")
+  return ([line for line in scores.splitlines() if line.startswith("|")],
+          [line for line in tasks.splitlines() if line.startswith("|")])
+
+
 def test_flags_run_writes_results_without_predictions(model_dir: str, tmp_path: Path):
   out = tmp_path / "eval"
   assert cli.main(["--model", model_dir, "--data_dir", str(FIXTURES), "--out", str(out),
@@ -66,14 +74,24 @@ def test_flags_run_writes_results_without_predictions(model_dir: str, tmp_path: 
   assert results["task_names"] == names
   assert results["model"] == model_dir and results["max_new_tokens"] == 4
   table = (out / "results.md").read_text()
+  scores, tasks = markdown_sections(table)
   for name in names:
     task = results["tasks"][name]
     assert task["prompt_variant"] == "release" and task["num_shots"] == 0
     assert task["num_examples"] == 3 and task["fewshot_seed"] == 1234
+    assert task["truncated_prompts"] == 0
     assert set(task["metrics"]) == expected_keys(name)
     for key in task["metrics"]:
       scoring, metric = key.rsplit("/", 1)
-      assert f"| {name} | {scoring} |" in table and f" {metric} |" in table.splitlines()[2]
+      if metric in evaluator.SETTING_METRICS:
+        assert f" {metric} |" not in scores[0]
+      else:
+        assert f"| {name} | {scoring} |" in table and f" {metric} |" in scores[0]
+  # Counts and seeds are integers per task, the few-shot seed blank without shots.
+  assert tasks[0] == ("| task | examples | truncated prompts | shots | few-shot seed "
+                      "| bootstrap seed (release) |")
+  assert "| mibe_pubmedqa_0shot | 3 | 0 | 0 |  |  |" in tasks
+  assert "| mibe_mimic_cxr_0shot | 3 | 0 | 0 |  | 0 |" in tasks
   assert "loglikelihood/acc" in results["tasks"]["mibe_pubmedqa_0shot"]["metrics"]
   # No --bertscore_model: BERTScore is not computed, "n/a" in the table.
   summary = results["tasks"]["mibe_mimic_cxr_0shot"]["metrics"]
@@ -100,6 +118,36 @@ def test_gin_run_writes_predictions_when_asked(model_dir: str, tmp_path: Path):
   assert [p["index"] for p in predictions] == [0, 1, 2]
   assert [p["target"] for p in predictions] == ["A", "B", "C"]
   assert all(len(p["option_loglikelihoods"]) == 5 for p in predictions)
+
+
+def test_results_md_shows_counts_and_seeds_as_integers_apart_from_scores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+  """A 5-shot summarisation task with 2 of its 4 prompts cut, and a task from outside MIBE: the
+  bootstrap seed is no score column, and the counts and seeds appear per task as integers;
+  results.json keeps every key it had."""
+  import seqio_tasks.mibe
+
+  name = "mibe_pubmed_summarization_5shot"
+  monkeypatch.setitem(seqio_tasks.mibe.TASKS, name, seqio_tasks.mibe.MibeTask(
+      "pubmed_summarization", 5, "release", 1234, "d"))
+  metrics = {"release/rouge1": 0.25, "release/bootstrap_seed": 7.0,
+             "release/bert_score_f1": None, "fixed/rouge1": 0.5}
+  results = [evaluator.TaskResult(name, metrics, [{}] * 4, 2),
+             evaluator.TaskResult("other_task", {"fixed/acc": 1.0}, [{}] * 3, 0)]
+  evaluator.write_results(str(tmp_path), "model", results, evaluator.EvalSettings(), False, 0)
+  scores, tasks = markdown_sections((tmp_path / "results.md").read_text())
+  assert scores == ["| task | scoring | rouge1 | bert_score_f1 | acc |", "|---|---|---|---|---|",
+                    f"| {name} | release | 0.2500 | n/a |  |", f"| {name} | fixed | 0.5000 |  |  |",
+                    "| other_task | fixed |  |  | 1.0000 |"]
+  assert tasks == ["| task | examples | truncated prompts | shots | few-shot seed "
+                   "| bootstrap seed (release) |", "|---|---|---|---|---|---|",
+                   f"| {name} | 4 | 2 | 5 | 1234 | 7 |", "| other_task | 3 | 0 |  |  |  |"]
+  written = json.loads((tmp_path / "results.json").read_text())["tasks"]
+  assert written[name] == {"dataset": "pubmed_summarization", "num_shots": 5,
+                           "prompt_variant": "release", "fewshot_seed": 1234, "data_dir": "d",
+                           "num_examples": 4, "truncated_prompts": 2, "metrics": metrics}
+  assert written["other_task"] == {"num_examples": 3, "truncated_prompts": 0,
+                                   "metrics": {"fixed/acc": 1.0}}
 
 
 def test_stop_sequences_and_prompt_fitting():

@@ -141,11 +141,14 @@ def converted_tensors(source: TensorSource, rules: list[TensorRule],
 
 
 def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
-  """Tokenizer files and ``generation_config.json`` travel with the weights."""
+  """Tokenizer files and ``generation_config.json`` travel with the weights.
+
+  Contents only: the copies get the mode of any new file (the user's umask), not the source's.
+  """
   copied = tokenizer.copy_tokenizer_files(src_dir, dst_dir)
   generation = os.path.join(src_dir, "generation_config.json")
   if os.path.exists(generation):
-    shutil.copy(generation, dst_dir)
+    shutil.copyfile(generation, os.path.join(dst_dir, "generation_config.json"))
     copied.append("generation_config.json")
   return copied
 

@@ -23,7 +23,8 @@ are batched longest first, so batch-mates have similar lengths; greedy rows do n
 batch-mates, and the last batch is filled up with copies so that every batch has one shape.
 
 Written to ``out_dir``: ``results.json`` (model, settings, each task's construction and metrics),
-``results.md`` (a table, one row per task), TensorBoard scalars ``{task}/{metric}`` under
+``results.md`` (the scores, a row per task and scoring; then per task its number of examples, of
+truncated prompts, of shots and its seeds), TensorBoard scalars ``{task}/{metric}`` under
 ``tensorboard/``, and with ``write_predictions`` ``predictions/{task}.jsonl``.
 """
 
@@ -49,6 +50,9 @@ from medllama_jax.eval import api, paper
 from seqio_tasks import mibe
 
 SPLIT = "test"
+# Metric names whose values record how a score was computed (ROUGE's bootstrap seed), not a score:
+# results.md lists them per task as integers, away from the score columns.
+SETTING_METRICS = frozenset({"bootstrap_seed"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,10 +333,17 @@ def published_values(results: Sequence[TaskResult], paper_model: str
   return out
 
 
+def _split_key(key: str) -> tuple[str, str]:
+  """A metric key ``{scoring}/{metric}`` as (scoring, metric)."""
+  scoring, _, metric = key.rpartition("/")
+  return scoring, metric
+
+
 def markdown_table(results: Sequence[TaskResult], paper_model: str | None = None) -> str:
   """The paper's Table 3 layout: a row per task and scoring (the ``release``/``fixed``/
   ``loglikelihood`` prefix of the metric keys), a column per metric (first-seen order); blank where
-  a row has no such metric, "n/a" where it was not computed (BERTScore without an encoder).
+  a row has no such metric, "n/a" where it was not computed (BERTScore without an encoder). Only
+  scores: the :data:`SETTING_METRICS` go to :func:`task_table`.
 
   ``paper_model`` (a model of ``paper.MODELS``) adds a last column with the paper's published
   value, as printed and with the paper's metric name, in the row of the scoring it corresponds to
@@ -340,8 +351,9 @@ def markdown_table(results: Sequence[TaskResult], paper_model: str | None = None
   rows: dict[tuple[str, str], dict[str, Any]] = {}
   for r in results:
     for key, value in r.metrics.items():
-      scoring, _, metric = key.rpartition("/")
-      rows.setdefault((r.task, scoring), {})[metric] = value
+      scoring, metric = _split_key(key)
+      if metric not in SETTING_METRICS:
+        rows.setdefault((r.task, scoring), {})[metric] = value
   columns = list(dict.fromkeys(metric for values in rows.values() for metric in values))
   published = {} if paper_model is None else published_values(results, paper_model)
 
@@ -367,6 +379,47 @@ def markdown_table(results: Sequence[TaskResult], paper_model: str | None = None
   return "\n".join(lines) + "\n"
 
 
+def _setting_keys(results: Sequence[TaskResult]) -> list[str]:
+  """The metric keys of :data:`SETTING_METRICS` among ``results``, in first-seen order."""
+  return list(dict.fromkeys(key for r in results for key in r.metrics
+                            if _split_key(key)[1] in SETTING_METRICS))
+
+
+def _integer(value: Any) -> str:
+  return "" if value is None else str(int(value))
+
+
+def task_table(results: Sequence[TaskResult]) -> str:
+  """A row per task with what its scores rest on, as integers: the examples scored, the prompts cut
+  from the left to fit the context (their scores saw only the end of the prompt), the shots and,
+  where demonstrations were drawn, their seed, then each seed a metric function recorded (e.g.
+  ``release/bootstrap_seed`` as "bootstrap seed (release)"). Shots and few-shot seed are blank for
+  a task that is not a MIBE task."""
+  settings = _setting_keys(results)
+  header = ["task", "examples", "truncated prompts", "shots", "few-shot seed",
+            *(f"{metric.replace('_', ' ')} ({scoring})"
+              for scoring, metric in map(_split_key, settings))]
+
+  def row(r: TaskResult) -> list[str]:
+    info = mibe.TASKS.get(r.task)
+    shots = "" if info is None else str(info.num_shots)
+    seed = "" if info is None or not info.num_shots else str(info.fewshot_seed)
+    return [r.task, str(len(r.predictions)), str(r.truncated_prompts), shots, seed,
+            *(_integer(r.metrics.get(key)) for key in settings)]
+
+  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  lines += ["| " + " | ".join(row(r)) + " |" for r in results]
+  return "\n".join(lines) + "\n"
+
+
+def results_markdown(model_dir: str, results: Sequence[TaskResult],
+                     paper_model: str | None = None) -> str:
+  """results.md: the scores (:func:`markdown_table`), then per task its counts and seeds
+  (:func:`task_table`), so that a score never stands beside a count or a seed."""
+  return (f"Model: `{model_dir}`\n\n## Scores\n\n{markdown_table(results, paper_model)}\n"
+          f"## Examples, truncated prompts and seeds\n\n{task_table(results)}")
+
+
 @gin.configurable(allowlist=["paper_model"])
 def write_results(out_dir: str, model_dir: str, results: Sequence[TaskResult],
                   settings: EvalSettings, write_predictions: bool, step: int,
@@ -390,7 +443,7 @@ def write_results(out_dir: str, model_dir: str, results: Sequence[TaskResult],
                                          "published": v.value}
                                   for task, v in published_values(results, paper_model).items()}}
   (out / "results.json").write_text(json.dumps(summary, indent=2))
-  (out / "results.md").write_text(f"Model: `{model_dir}`\n\n{markdown_table(results, paper_model)}")
+  (out / "results.md").write_text(results_markdown(model_dir, results, paper_model))
   writer = metric_writers.create_default_writer(os.path.join(out_dir, "tensorboard"),
                                                 asynchronous=False)
   writer.write_scalars(step, {f"{r.task}/{key}": value for r in results
