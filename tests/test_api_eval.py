@@ -5,7 +5,11 @@ The server (``http.server`` in a thread on 127.0.0.1, port 0) answers ``/v1/chat
 flight at once. Checked: an oracle endpoint scores exactly as the local path does when the model
 generates the targets; the exact request (body, URL, key header); retries on 429 honouring
 Retry-After and on timeouts; a failing endpoint leaves a partial cache, a clear error and no
-metrics, and a rerun sends only the missing prompts; the concurrency bound; the key never written.
+metrics, and a rerun sends only the missing prompts; the concurrency bound; the key never written;
+Ctrl-C (a SIGINT to the main thread) against a throttling server stops the run within a second,
+sends nothing more, keeps every answer the server gave (even one arriving while stopping), and a
+rerun sends only the rest; no message names a cache file that was never written; a cache that
+cannot be written stops the run with its error.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +31,8 @@ import seqio_tasks.mibe
 from medllama_jax import loading, tokenizer
 from medllama_jax.config import get_config
 from medllama_jax.demo import demo_data_path, demo_text_path
-from medllama_jax.eval import api, cli, evaluator
+from medllama_jax.cli import eval as cli
+from medllama_jax.eval import api, evaluator
 
 DATA = demo_data_path("mibe")
 DATASETS = ("pubmedqa", "medqa")
@@ -342,8 +348,8 @@ def test_a_dead_endpoint_stops_being_asked(endpoint: Endpoint, tmp_path: Path):
   bodies = [api.request_body(client.settings, f"p{i}", 4) for i in range(10)]
   with pytest.raises(api.IncompleteError) as error:
     api.complete_all(client, bodies, str(tmp_path / "c.jsonl"), "task")
-  # The worker may have taken the next prompt before the third failure was counted.
-  assert 3 <= len(endpoint.requests) <= 4
+  # The one thread counts each failure before it takes the next prompt.
+  assert len(endpoint.requests) == 3
   assert "partial: 0 of 10 done" in str(error.value) and "not sent after 3 failures" in str(
       error.value)
 
@@ -377,3 +383,141 @@ def test_cache_drops_a_line_cut_by_a_kill(tmp_path: Path, endpoint: Endpoint):
     f.write('{"index": 1, "key": "')
   assert cache.load([key, "other"]) == {0: api.Completion("kept", "stop")}
   assert path.read_text().endswith('"finish_reason": "stop"}\n')
+
+
+def echo_upper(path: str, body: dict[str, Any], headers: dict[str, str]):
+  return 200, {}, reply(path, prompt_of(body).upper())
+
+
+def throttled(path: str, body: dict[str, Any], headers: dict[str, str]):
+  return 429, {"Retry-After": "30"}, {"error": {"message": "rate limited"}}
+
+
+@dataclasses.dataclass
+class CtrlC:
+  """A SIGINT sent to the main thread, as a terminal's Ctrl-C, once the server has received every
+  prompt of ``awaited``; ``requests``: how many requests the server had received by then."""
+  endpoint: Endpoint
+  awaited: set[str]
+  sent: threading.Event = dataclasses.field(default_factory=threading.Event)
+  time: float = 0.0
+  requests: int = 0
+
+  def start(self) -> None:
+    threading.Thread(target=self._send, daemon=True).start()
+
+  def _send(self) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+      with self.endpoint.lock:
+        if self.awaited <= {prompt_of(r["body"]) for r in self.endpoint.requests}:
+          self.requests = len(self.endpoint.requests)
+          break
+      time.sleep(0.01)
+    else:
+      return
+    self.time = time.monotonic()
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    self.sent.set()
+
+
+def cached_texts(path: Path, prompts: list[str]) -> dict[str, str]:
+  return {prompts[record["index"]]: record["text"]
+          for record in map(json.loads, path.read_text().splitlines()[1:])}
+
+
+def test_ctrl_c_stops_at_once_keeps_every_answer_and_a_rerun_sends_only_the_rest(
+    endpoint: Endpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+  # Three workers: a0-a3 are answered, then each holds one of throttled0, throttled1 (waiting
+  # 30 s to retry) and slow (answered only after the Ctrl-C); a4-a6 are not sent yet.
+  prompts = ["a0", "a1", "a2", "a3", "throttled0", "throttled1", "slow", "a4", "a5", "a6"]
+  ctrl_c = CtrlC(endpoint, {"throttled0", "throttled1", "slow"})
+  answered = []
+
+  def throttle_some(path: str, body: dict[str, Any], headers: dict[str, str]):
+    if prompt_of(body).startswith("throttled"):
+      return throttled(path, body, headers)
+    if prompt_of(body) == "slow":
+      ctrl_c.sent.wait(10)
+      time.sleep(0.2)
+    with endpoint.lock:
+      answered.append(prompt_of(body))
+    return echo_upper(path, body, headers)
+
+  endpoint.behaviour = throttle_some
+  client = api.ApiClient(settings(endpoint, concurrency=3, endpoint="completions"))
+  bodies = [api.request_body(client.settings, p, 4) for p in prompts]
+  cache = tmp_path / "task.jsonl"
+  ctrl_c.start()
+  with pytest.raises(KeyboardInterrupt):
+    api.complete_all(client, bodies, str(cache), "task")
+  assert ctrl_c.sent.is_set() and time.monotonic() - ctrl_c.time < 2
+  time.sleep(0.3)  # time enough for a retry or a next prompt to reach the server
+  assert len(endpoint.requests) == ctrl_c.requests == 7
+  assert sorted(answered) == ["a0", "a1", "a2", "a3", "slow"]
+  assert cached_texts(cache, prompts) == {p: p.upper() for p in answered}
+  assert "stopped by Ctrl-C with 5 of 10 answers" in caplog.text
+  assert f"are in {cache}; run the same command again to send only the 5 missing" in caplog.text
+
+  endpoint.requests.clear()
+  endpoint.behaviour = echo_upper
+  completions = api.complete_all(client, bodies, str(cache), "task")
+  assert [c.text for c in completions] == [p.upper() for p in prompts]
+  assert sorted(prompt_of(r["body"]) for r in endpoint.requests) == [
+      "a4", "a5", "a6", "throttled0", "throttled1"]
+
+
+def test_ctrl_c_before_any_answer_names_no_cache_file(endpoint: Endpoint, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture):
+  endpoint.behaviour = throttled
+  client = api.ApiClient(settings(endpoint, concurrency=2))
+  bodies = [api.request_body(client.settings, p, 4) for p in ("p0", "p1", "p2")]
+  cache = tmp_path / "task.jsonl"
+  ctrl_c = CtrlC(endpoint, {"p0", "p1"})
+  ctrl_c.start()
+  with pytest.raises(KeyboardInterrupt):
+    api.complete_all(client, bodies, str(cache), "task")
+  assert ctrl_c.sent.is_set() and time.monotonic() - ctrl_c.time < 2
+  stopped = [r.getMessage() for r in caplog.records if "stopped by Ctrl-C" in r.getMessage()]
+  assert len(stopped) == 1 and "with 0 of 3 answers. No answer was received" in stopped[0]
+  assert str(cache) not in stopped[0] and not cache.exists()
+  assert len(endpoint.requests) == ctrl_c.requests == 2
+
+
+def test_an_error_without_any_answer_names_no_cache_file(endpoint: Endpoint, tmp_path: Path):
+  endpoint.behaviour = lambda path, body, headers: (
+      400, {}, {"error": {"message": "prompt too long"}})
+  client = api.ApiClient(settings(endpoint))
+  bodies = [api.request_body(client.settings, p, 4) for p in ("p0", "p1")]
+  cache = tmp_path / "task.jsonl"
+  with pytest.raises(api.IncompleteError) as error:
+    api.complete_all(client, bodies, str(cache), "task")
+  assert not cache.exists() and str(cache) not in str(error.value)
+  assert "partial: 0 of 2 done; 2 failed" in str(error.value)
+  assert "No answer was received" in str(error.value)
+
+
+def test_a_stop_ends_the_wait_before_a_retry_at_once(endpoint: Endpoint):
+  endpoint.behaviour = throttled
+  client = api.ApiClient(settings(endpoint, max_retries=3))
+  stop = threading.Event()
+  threading.Timer(0.2, stop.set).start()
+  start = time.monotonic()
+  with pytest.raises(api.Stopped):
+    client.complete(api.request_body(client.settings, "q", 4), stop)
+  assert time.monotonic() - start < 1.5
+  assert len(endpoint.requests) == 1
+
+
+def test_a_cache_that_cannot_be_written_stops_the_run_with_its_error(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+  def disk_full(*args: Any) -> None:
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(api.AnswerCache, "append", disk_full)
+  endpoint.behaviour = echo_upper
+  client = api.ApiClient(settings(endpoint, concurrency=1))
+  bodies = [api.request_body(client.settings, p, 4) for p in ("p0", "p1", "p2")]
+  with pytest.raises(OSError, match="No space left"):
+    api.complete_all(client, bodies, str(tmp_path / "task.jsonl"), "task")
+  assert len(endpoint.requests) == 1

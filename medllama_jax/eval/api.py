@@ -20,7 +20,11 @@ ones:
   rerun sends only the prompts without an answer, and a cache written with other settings or
   prompts is refused rather than mixed in;
 * when some prompts still fail, :class:`IncompleteError` says how many are done, shows the last
-  errors and how to resume: no result is computed from part of a task.
+  errors and how to resume: no result is computed from part of a task;
+* Ctrl-C stops a run at once: no prompt is sent after it, a wait before a retry (a ``Retry-After``
+  of minutes) ends, requests already sent are awaited for at most a second, every answer received
+  (even then) is cached, a warning says how many answers are cached and where, and the
+  KeyboardInterrupt goes on to the caller.
 
 The API key is read from an environment variable whose name is configurable; it is sent only in the
 ``Authorization`` header and removed from every error text this module produces.
@@ -28,7 +32,6 @@ The API key is read from an environment variable whose name is configurable; it 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import email.utils
 import hashlib
@@ -54,6 +57,12 @@ RETRY_STATUSES = frozenset({408, 409, 429})
 _DETAIL_CHARS = 300
 # How many failures an IncompleteError quotes.
 _QUOTED_ERRORS = 3
+# How often the main thread looks up from waiting for the senders: a bound on how late Ctrl-C is
+# seen when the signal reaches one of their threads rather than the main one.
+_POLL_S = 0.1
+# How long a run stopped by Ctrl-C still waits for requests already sent: answers on their way are
+# cached rather than paid for and lost, and the run still ends within about a second.
+_STOP_GRACE_S = 1.0
 
 
 class ApiError(Exception):
@@ -62,6 +71,10 @@ class ApiError(Exception):
 
 class RequestFailed(ApiError):
   """A request that did not give an answer (after its retries, when the error was retryable)."""
+
+
+class Stopped(ApiError):
+  """A request given up because its run is stopping (Ctrl-C): no failure of the endpoint."""
 
 
 class _Retryable(Exception):
@@ -234,12 +247,17 @@ class ApiClient:
     ceiling = min(self.settings.max_backoff_s, self.settings.backoff_s * 2 ** attempt)
     return ceiling * random.uniform(0.5, 1.0)
 
-  def complete(self, body: Mapping[str, Any]) -> Completion:
+  def complete(self, body: Mapping[str, Any], stop: threading.Event | None = None) -> Completion:
     """The answer to ``body``; raises :class:`RequestFailed` once the error is not retryable or
-    ``1 + max_retries`` attempts failed."""
+    ``1 + max_retries`` attempts failed, and :class:`Stopped` once ``stop`` is set: no attempt
+    starts after that, and a wait before a retry ends at once rather than sitting out the
+    server's ``Retry-After``."""
+    stop = threading.Event() if stop is None else stop
     attempts = self.settings.max_retries + 1
     attempt = 1
     while True:
+      if stop.is_set():
+        raise Stopped(f"stopped before attempt {attempt} of {attempts}")
       try:
         return self._completion(self._post(body))
       except _Retryable as e:
@@ -249,7 +267,7 @@ class ApiClient:
             e.retry_after, self.settings.max_backoff_s)
         logging.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", self.settings.url, e,
                         delay, attempt + 1, attempts)
-        time.sleep(delay)
+        stop.wait(delay)
         attempt += 1
 
 
@@ -335,11 +353,125 @@ class AnswerCache:
         f.flush()
 
 
+class _Batch:
+  """The missing answers of one task, asked for by up to ``concurrency`` threads of their own.
+
+  Each thread caches its answers as they arrive, so that an answer received while the run stops is
+  kept too. The threads are daemons: a request still unanswered when the run ends is given up
+  rather than keeping the process alive until its timeout."""
+
+  def __init__(self, client: ApiClient, bodies: Sequence[Mapping[str, Any]], keys: Sequence[str],
+               cache: AnswerCache, answers: dict[int, Completion], missing: Sequence[int],
+               label: str):
+    self.client = client
+    self.bodies = bodies
+    self.keys = keys
+    self.cache = cache
+    self.answers = answers
+    self.label = label
+    self.failures: dict[int, str] = {}
+    # Set by Ctrl-C or an unexpected error: nothing more is sent and waits before retries end.
+    self.stop = threading.Event()
+    self._error: Exception | None = None
+    self._threads = min(client.settings.concurrency, len(missing))
+    self._pending = iter(missing)
+    # Set by the last thread to end. Waited on rather than joining the threads: a Ctrl-C that
+    # interrupts Thread.join can leave a running thread marked as ended (Python 3.11).
+    self._running = self._threads
+    self._ended = threading.Event()
+    # Set once max_consecutive_failures prompts in a row failed: no new prompt is taken, but the
+    # ones being retried go on.
+    self._endpoint_down = False
+    self._consecutive = 0
+    self._lock = threading.Lock()
+
+  def done(self) -> int:
+    with self._lock:
+      return len(self.answers)
+
+  def run(self) -> None:
+    """Sends every missing prompt. On Ctrl-C, stops the threads, waits at most
+    ``_STOP_GRACE_S`` for requests already sent, and re-raises."""
+    if not self._threads:
+      return
+    try:
+      for n in range(self._threads):
+        threading.Thread(target=self._work, name=f"{self.label}-api-{n}", daemon=True).start()
+      while not self._ended.wait(_POLL_S):
+        pass
+    except KeyboardInterrupt:
+      self.stop.set()
+      self._ended.wait(_STOP_GRACE_S)
+      raise
+    if self._error is not None:
+      raise self._error
+
+  def _take(self) -> int | None:
+    """The next prompt to send; None when none is left or none may be sent."""
+    with self._lock:
+      if self.stop.is_set() or self._endpoint_down:
+        return None
+      return next(self._pending, None)
+
+  def _work(self) -> None:
+    """One thread's loop. An unexpected error (the cache cannot be written) stops every thread
+    and is raised by :meth:`run` in the main thread."""
+    try:
+      while (index := self._take()) is not None:
+        try:
+          completion = self.client.complete(self.bodies[index], self.stop)
+        except RequestFailed as e:
+          self._failed(index, str(e))
+        else:
+          self._answered(index, completion)
+    except Stopped:
+      pass
+    except Exception as e:  # Raised again in the main thread, by run.
+      with self._lock:
+        self._error = self._error or e
+      self.stop.set()
+    finally:
+      with self._lock:
+        self._running -= 1
+        if not self._running:
+          self._ended.set()
+
+  def _answered(self, index: int, completion: Completion) -> None:
+    with self._lock:
+      self.cache.append(index, self.keys[index], completion)
+      self.answers[index] = completion
+      self._consecutive = 0
+      done, total = len(self.answers), len(self.bodies)
+    if done % max(1, total // 10) == 0 or done == total:
+      logging.info("%s: %d/%d answers", self.label, done, total)
+
+  def _failed(self, index: int, message: str) -> None:
+    with self._lock:
+      self.failures[index] = message
+      self._consecutive += 1
+      if self._endpoint_down or self._consecutive < self.client.settings.max_consecutive_failures:
+        return
+      self._endpoint_down = True
+    logging.error("%s: %d prompts in a row failed; not sending the others", self.label,
+                  self.client.settings.max_consecutive_failures)
+
+
+def _resume_hint(cache_path: str, done: int, total: int) -> str:
+  """How to go on; names the cache file only when it holds answers (it is written with the
+  first one)."""
+  if not done:
+    return (f"No answer was received, so none is cached; run the same command again to send the "
+            f"{total} prompts.")
+  return (f"The {done} answers so far are in {cache_path}; run the same command again to send "
+          f"only the {total - done} missing prompts.")
+
+
 def complete_all(client: ApiClient, bodies: Sequence[Mapping[str, Any]], cache_path: str,
                  label: str) -> list[Completion]:
   """The answers to ``bodies`` in order: those in ``cache_path`` reused, the others requested (at
   most ``concurrency`` at a time) and cached as they arrive. Raises :class:`IncompleteError` when
-  any is still missing."""
+  any is still missing; on Ctrl-C, says what is cached and re-raises the KeyboardInterrupt within
+  about a second."""
   if not bodies:
     return []
   settings = client.settings
@@ -350,48 +482,22 @@ def complete_all(client: ApiClient, bodies: Sequence[Mapping[str, Any]], cache_p
   missing = [i for i in range(len(bodies)) if i not in answers]
   logging.info("%s: %d of %d answers cached in %s; sending %d prompts to %s (model %s)", label,
                len(answers), len(bodies), cache_path, len(missing), settings.url, settings.model)
-  failures: dict[int, str] = {}
-  stop_sending = threading.Event()
-
-  def attempt(index: int) -> Completion | None:
-    if stop_sending.is_set():
-      return None
-    return client.complete(bodies[index])
-
-  consecutive = 0
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.concurrency)
+  batch = _Batch(client, bodies, keys, cache, answers, missing, label)
   try:
-    futures = {pool.submit(attempt, i): i for i in missing}
-    for future in concurrent.futures.as_completed(futures):
-      index = futures[future]
-      try:
-        completion = future.result()
-      except RequestFailed as e:
-        failures[index] = str(e)
-        consecutive += 1
-        if consecutive >= settings.max_consecutive_failures and not stop_sending.is_set():
-          logging.error("%s: %d prompts in a row failed; not sending the others", label,
-                        consecutive)
-          stop_sending.set()
-        continue
-      if completion is None:
-        continue
-      consecutive = 0
-      cache.append(index, keys[index], completion)
-      answers[index] = completion
-      if len(answers) % max(1, len(bodies) // 10) == 0 or len(answers) == len(bodies):
-        logging.info("%s: %d/%d answers", label, len(answers), len(bodies))
-  finally:
-    stop_sending.set()
-    pool.shutdown(wait=True, cancel_futures=True)
+    batch.run()
+  except KeyboardInterrupt:
+    done = batch.done()
+    logging.warning("%s: stopped by Ctrl-C with %d of %d answers. %s", label, done, len(bodies),
+                    _resume_hint(cache_path, done, len(bodies)))
+    raise
   if len(answers) < len(bodies):
+    failures = batch.failures
     unsent = len(bodies) - len(answers) - len(failures)
     quoted = "; ".join(f"[example {i}] {failures[i]}" for i in list(failures)[-_QUOTED_ERRORS:])
     raise IncompleteError(
         f"{label}: partial: {len(answers)} of {len(bodies)} done; {len(failures)} failed" +
         (f", {unsent} not sent after {settings.max_consecutive_failures} failures in a row"
          if unsent else "") +
-        f". Last errors: {quoted}. The answers so far are in {cache_path}; run the same command "
-        f"again to send only the {len(bodies) - len(answers)} missing prompts. No metrics were "
-        f"computed for {label}.")
+        f". Last errors: {quoted}. {_resume_hint(cache_path, len(answers), len(bodies))} No "
+        f"metrics were computed for {label}.")
   return [answers[i] for i in range(len(bodies))]
