@@ -60,14 +60,14 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "medllama-convert=medllama_jax.convert.cli:run",
-            "medllama-generate=medllama_jax.generate_cli:run",
-            "medllama-train=medllama_jax.train.cli:run",
-            "medllama-eval=medllama_jax.eval.cli:run",
-            "medllama-supervised=medllama_jax.supervised_cli:run",
-            "medllama-contamination=medllama_jax.contamination.cli:run",
-            "medllama-plan=medllama_jax.plan.cli:run",
-            "medllama-tpu=medllama_jax.launch.cli:run",
+            "medllama-convert=medllama_jax.cli.convert:run",
+            "medllama-generate=medllama_jax.cli.generate:run",
+            "medllama-train=medllama_jax.cli.train:run",
+            "medllama-eval=medllama_jax.cli.eval:run",
+            "medllama-supervised=medllama_jax.cli.supervised:run",
+            "medllama-contamination=medllama_jax.cli.contamination:run",
+            "medllama-plan=medllama_jax.cli.plan:run",
+            "medllama-tpu=medllama_jax.cli.tpu:run",
         ],
     },
 )

@@ -13,7 +13,8 @@ import os
 from typing import Any
 
 import gin
-import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from etils import epath
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -75,7 +76,7 @@ class LlamaConfig:
       raise ValueError(
           f"rope_scaling={self.rope_scaling_dict!r}: only rope_type 'llama3' is supported")
     for name in ("dtype", "param_dtype"):
-      jnp.dtype(getattr(self, name))
+      np.dtype(getattr(ml_dtypes, getattr(self, name), getattr(self, name)))
 
   @property
   def resolved_head_dim(self) -> int:
@@ -205,8 +206,10 @@ class LlamaConfig:
   @classmethod
   def load_hf_json(cls, directory: str, **runtime: Any) -> "LlamaConfig":
     path = epath.Path(directory) / "config.json"
+    if not epath.Path(directory).is_dir():
+      raise FileNotFoundError(f"{directory}: model folder not found")
     if not path.exists():
-      raise FileNotFoundError(f"{path}: no config.json in the model folder {directory}")
+      raise FileNotFoundError(f"{directory} is not a model folder: {path} is missing")
     try:
       hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -2,8 +2,10 @@
 
   python -m medllama_jax.demo --out demo_output
 
-Runs in a few minutes on 8 simulated CPU devices (a data × fsdp × tensor = 2 × 2 × 2 mesh). Steps, each
-printed with where it wrote:
+Runs in a few minutes on 8 simulated CPU devices (a data × fsdp × tensor = 2 × 2 × 2 mesh). Each step
+is announced when it starts, with what it wrote below it and the trainer's live progress; details
+go to the log files in ``OUT/logs``. A non-empty ``--out`` that no earlier demo wrote is refused
+unless ``--overwrite``. The steps:
   1. train a SentencePiece tokenizer (LLaMA conventions) on the text shipped in the package;
   2. prepare the shipped raw corpus samples (PubMed XML, PMC JATS, MIMIC-III/IV note CSVs, MIMIC-CXR
      reports, RedPajama jsonl; all invented text) into TFRecord shards, as ``scripts/prepare_corpus.py``
@@ -31,13 +33,15 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import glob  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from importlib import resources  # noqa: E402
 
 import gin  # noqa: E402
@@ -45,12 +49,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from medllama_jax import (chat, checkpointing, decode, generate_cli, loading, logs,  # noqa: E402
-                          partitioning, tokenizer)
+from medllama_jax import (chat, checkpointing, decode, loading, partitioning, progress,  # noqa: E402
+                          tokenizer)
+from medllama_jax.cli import console, generate, gin_flags  # noqa: E402
 from medllama_jax.config import LlamaConfig, model_config  # noqa: E402
 from medllama_jax.convert import hf  # noqa: E402
 from medllama_jax.data import records  # noqa: E402
-from medllama_jax.eval import cli as eval_cli  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
 
 DEMO_PROMPTS = ("The patient presented with", "Metformin is a first-line treatment for")
@@ -58,6 +62,10 @@ DEMO_GIN = "demo/pretrain_demo.gin"
 INSTRUCT_GIN = "demo/instruct_demo.gin"
 CHAT_PROMPTS = ("What is metformin used for?",)
 KILL_AFTER_STEP = 20
+NUM_STEPS = 8
+STEP_INDENT = "      "
+# Written into --out: a folder holding it is an earlier demo's, which a rerun may replace.
+OUT_MARKER = ".medllama-demo"
 # The evaluation compiles a program per prompt length bucket, which costs more than running the
 # few examples of each sample: one device (the simulated 8-device mesh compiles slower), and
 # buckets of 256 tokens (the demo model's context is 512).
@@ -115,9 +123,10 @@ def write_init_model(out_dir: str, config: LlamaConfig, tokenizer_dir: str, mesh
 
 def demo_model_config() -> LlamaConfig:
   """The model that ``gin/demo/pretrain_demo.gin`` trains."""
-  from medllama_jax.train import cli  # The trainer's gin search path; imports seqio_tasks.
+  import seqio_tasks.pretrain  # noqa: F401  (registers the pre-training configurables with gin)
+
   with gin.unlock_config():
-    cli.parse_gin([DEMO_GIN], ["RUN_DIR = ''", "DATA_DIR = ''", "INIT_CHECKPOINT = ''"], [])
+    gin_flags.parse_gin([DEMO_GIN], ["RUN_DIR = ''", "DATA_DIR = ''", "INIT_CHECKPOINT = ''"], [])
   config = model_config()
   gin.clear_config()
   return config
@@ -128,42 +137,53 @@ def complete_checkpoints(run_dir: str) -> list[int]:
                 if os.path.basename(p).isdigit())
 
 
-def train_log(run_dir: str) -> str:
-  """Where ``run_training`` appends the trainer's output: beside the run folder, for all runs."""
-  return os.path.join(os.path.dirname(run_dir), "train.log")
+def _forward_lines(stream, indent: str) -> None:
+  """Shows a child command's console lines under the demo's step, as they come."""
+  for line in stream:
+    print(f"{indent}{line.rstrip()}", flush=True)
 
 
-def run_training(gin_file: str, run_dir: str, macros: dict[str, str],
+def run_training(gin_file: str, run_dir: str, macros: dict[str, str], log_dir: str,
                  kill_after: int | None = None) -> int:
-  """``medllama-train`` on a demo recipe; with ``kill_after``, SIGKILL once that step is saved."""
-  command = [sys.executable, "-m", "medllama_jax.train.cli", f"--gin_file={gin_file}",
-             f"--gin.RUN_DIR='{run_dir}'", *(f"--gin.{k}='{v}'" for k, v in macros.items())]
-  with open(train_log(run_dir), "a") as log:
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    while kill_after is not None and process.poll() is None:
-      if any(step >= kill_after for step in complete_checkpoints(run_dir)):
-        process.send_signal(signal.SIGKILL)
-        break
-      time.sleep(0.2)
-    return process.wait()
+  """``medllama-train`` on a demo recipe, its console shown indented (its log file in
+  ``log_dir``); with ``kill_after``, SIGKILL once that step is saved."""
+  command = [sys.executable, "-m", "medllama_jax.cli.train", f"--gin_file={gin_file}",
+             f"--gin.RUN_DIR='{run_dir}'", *(f"--gin.{k}='{v}'" for k, v in macros.items()),
+             f"--log_dir={log_dir}"]
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  forward = threading.Thread(target=_forward_lines, args=(process.stdout, STEP_INDENT),
+                             daemon=True)
+  forward.start()
+  while kill_after is not None and process.poll() is None:
+    if any(step >= kill_after for step in complete_checkpoints(run_dir)):
+      process.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.2)
+  status = process.wait()
+  forward.join()
+  return status
 
 
-def train_to_end(gin_file: str, run_dir: str, macros: dict[str, str], what: str) -> str | None:
-  """``run_training`` to the last step; the final model folder, or None (after saying where the
-  log is) when the run failed."""
-  if run_training(gin_file, run_dir, macros) != 0:
-    print(f"{what} failed: see {train_log(run_dir)}", file=sys.stderr)
-    return None
+def train_to_end(gin_file: str, run_dir: str, macros: dict[str, str], log_dir: str) -> str:
+  """``run_training`` to the last step; the final model folder."""
+  status = run_training(gin_file, run_dir, macros, log_dir)
+  if status != 0:
+    raise RuntimeError(f"medllama-train {gin_file} exited with status {status} (its log file is "
+                       f"in {log_dir})")
   return os.path.join(run_dir, "final_model")
 
 
-def evaluate_on_mibe_samples(model_dir: str, out_dir: str, template: str,
-                             max_new_tokens: int) -> int:
+def evaluate_on_mibe_samples(model_dir: str, out_dir: str, template: str, max_new_tokens: int
+                             ) -> None:
   """``medllama-eval`` on the shipped sample of each of the 12 MIBE datasets and MMLU."""
-  return eval_cli.main(["--model", model_dir, "--data_dir", demo_data_path("mibe"), "--out",
-                        out_dir, "--tasks", "all,mmlu", "--chat_template", template,
-                        "--max_new_tokens", str(max_new_tokens), "--mesh", EVAL_MESH,
-                        "--length_bucket", str(EVAL_LENGTH_BUCKET)])
+  import seqio_tasks.mibe
+  from medllama_jax.eval import datasets, evaluator
+
+  names = seqio_tasks.mibe.register_mibe_tasks(demo_data_path("mibe"), model_dir,
+                                               datasets=[*datasets.MIBE_DATASETS, "mmlu"])
+  evaluator.evaluate(model_dir, names, out_dir, max_new_tokens=max_new_tokens,
+                     chat_template=template, mesh=EVAL_MESH, length_bucket=EVAL_LENGTH_BUCKET)
 
 
 def export_and_check(model_dir: str, hf_dir: str, reimport_dir: str, mesh) -> str:
@@ -191,82 +211,122 @@ def export_and_check(model_dir: str, hf_dir: str, reimport_dir: str, mesh) -> st
           f"max |logit difference| {diff:.2e}")
 
 
+def prepare_out_dir(out: str, overwrite: bool) -> None:
+  """Makes ``out`` the demo's folder: new, empty, or an earlier demo's (replaced). Any other
+  non-empty folder is refused unless ``overwrite``: the demo never deletes what it did not write."""
+  if os.path.isdir(out) and os.listdir(out):
+    if not (overwrite or os.path.exists(os.path.join(out, OUT_MARKER))):
+      raise console.UsageError(f"--out {out}: the folder is not empty and no earlier demo wrote "
+                               "it; name a new folder, or add --overwrite to replace its contents")
+    shutil.rmtree(out)
+  elif os.path.exists(out) and not os.path.isdir(out):
+    raise console.UsageError(f"--out {out}: exists and is not a folder")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, OUT_MARKER), "w") as marker:
+    marker.write("written by python -m medllama_jax.demo; rerunning the demo replaces this folder\n")
+
+
+@contextlib.contextmanager
+def demo_step(number: int, description: str) -> Iterator[None]:
+  """One of the demo's steps: announced when it starts, timed when it ends."""
+  started = time.perf_counter()
+  with progress.stage(f"[{number}/{NUM_STEPS}] {description}"):
+    yield
+  logging.info("%sdone in %s", STEP_INDENT,
+               progress.format_duration(time.perf_counter() - started))
+
+
+def result(text: str) -> None:
+  """A line under the current step: what it wrote or found."""
+  logging.info("%s%s", STEP_INDENT, text)
+
+
+def run_demo(args: argparse.Namespace, out: str, log_dir: str) -> int:
+  """The eight steps of the module docstring, into ``out``; child commands log into ``log_dir``."""
+  started = time.perf_counter()
+  config = demo_model_config()
+  mesh = partitioning.make_mesh(2, 2, 2)
+  logging.info("devices: %d × %s, mesh %s; everything goes under %s", jax.device_count(),
+               jax.devices()[0].platform, dict(mesh.shape), out)
+
+  with demo_step(1, f"training a SentencePiece tokenizer ({config.vocab_size} pieces)"):
+    tok_dir = train_tokenizer(os.path.join(out, "tokenizer"), config.vocab_size)
+    result(tok_dir)
+
+  with demo_step(2, "preparing the shipped PubMed, PMC, MIMIC and RedPajama samples"):
+    data_dir = os.path.join(out, "data")
+    summaries = prepare_corpora(data_dir)
+    for corpus, summary in summaries.items():
+      written = summary["records_written"]
+      result(f"{corpus}: {written.get('train', 0)} train + {written.get('validation', 0)} "
+             "validation records")
+
+  with demo_step(3, f"writing the starting model ({config.num_params():,} random parameters)"):
+    init_dir = write_init_model(os.path.join(out, "init_model"), config, tok_dir, mesh)
+    result(init_dir)
+
+  run_dir = os.path.join(out, "run")
+  macros = {"DATA_DIR": data_dir, "INIT_CHECKPOINT": init_dir}
+  with demo_step(4, f"continual pre-training on the 15:1:4 mixture, killed with SIGKILL after "
+                    f"step {KILL_AFTER_STEP} is saved, then resumed"):
+    killed = run_training(DEMO_GIN, run_dir, macros, log_dir, kill_after=KILL_AFTER_STEP)
+    result(f"killed (exit status {killed}) with checkpoints {complete_checkpoints(run_dir)}; "
+           "resuming with the same command")
+    pretrained_dir = train_to_end(DEMO_GIN, run_dir, macros, log_dir)
+    result(f"TensorBoard: {os.path.join(run_dir, 'tensorboard')}")
+
+  chat_run = os.path.join(out, "instruct_run")
+  with demo_step(5, "LoRA instruction tuning on the shipped instruction sample"):
+    chat_dir = train_to_end(INSTRUCT_GIN, chat_run, {"INIT_CHECKPOINT": pretrained_dir}, log_dir)
+    result(f"adapters {os.path.join(chat_run, 'adapters')}, merged model {chat_dir}")
+
+  hf_dir = os.path.join(out, "hf_export")
+  with demo_step(6, "exporting the tuned model to a Hugging Face folder"):
+    result(export_and_check(chat_dir, hf_dir, os.path.join(out, "reimported"), mesh))
+    result(hf_dir)
+
+  with demo_step(7, "greedy generation with the KV cache"):
+    sampling = decode.SamplingConfig(max_new_tokens=args.max_new_tokens)
+    for model_dir, prompts, template in ((pretrained_dir, DEMO_PROMPTS, None),
+                                         (chat_dir, CHAT_PROMPTS, chat.DEFAULT_TEMPLATE)):
+      loaded = loading.load_model(model_dir, mesh)
+      tok = loaded.tokenizer
+      ids = [generate.encode_prompt(tok, p, template) for p in prompts]
+      outputs = decode.generate(loaded.model, loaded.params, ids, sampling, eos_ids=(tok.eos_id,),
+                                mesh=mesh, rules=loaded.rules)
+      for prompt, generated in zip(prompts, outputs):
+        result(f"{'chat ' if template else ''}{prompt!r} → {tok.decode(generated)!r}")
+
+  eval_dir = os.path.join(out, "eval")
+  with demo_step(8, f"medllama-eval of the tuned model on the MIBE and MMLU samples (chat "
+                    f"template {chat.DEFAULT_TEMPLATE!r})"):
+    evaluate_on_mibe_samples(chat_dir, eval_dir, chat.DEFAULT_TEMPLATE, args.eval_max_new_tokens)
+    result(os.path.join(eval_dir, "results.md"))
+
+  logging.info("demo finished in %s. Try:\n"
+               "  medllama-generate --model %s --chat --prompt 'What causes anemia?'\n"
+               "  tensorboard --logdir %s",
+               progress.format_duration(time.perf_counter() - started), chat_dir,
+               os.path.join(run_dir, "tensorboard"))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m medllama_jax.demo", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = console.make_parser("medllama-demo", __doc__)
   parser.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace --out even when it is a non-empty folder no demo wrote")
   parser.add_argument("--max_new_tokens", type=int, default=24, help="per generation (step 7)")
   parser.add_argument("--eval_max_new_tokens", type=int, default=8,
                       help="per evaluation answer (step 8)")
   args = parser.parse_args(argv)
-  logs.setup()
   out = os.path.abspath(args.out)
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.makedirs(out)
-  config = demo_model_config()
-  mesh = partitioning.make_mesh(2, 2, 2)
-  print(f"devices: {jax.device_count()} × {jax.devices()[0].platform}, mesh {dict(mesh.shape)}")
-
-  tok_dir = train_tokenizer(os.path.join(out, "tokenizer"), config.vocab_size)
-  print(f"[1/8] SentencePiece tokenizer ({config.vocab_size} pieces): {tok_dir}")
-
-  data_dir = os.path.join(out, "data")
-  summaries = prepare_corpora(data_dir)
-  counts = ", ".join(f"{c} {s['records_written'].get('train', 0)}+"
-                     f"{s['records_written'].get('validation', 0)}" for c, s in summaries.items())
-  print(f"[2/8] prepared corpora (train+validation records: {counts}): {data_dir}")
-
-  init_dir = write_init_model(os.path.join(out, "init_model"), config, tok_dir, mesh)
-  print(f"[3/8] starting model folder (random, {config.num_params():,} parameters): {init_dir}")
-
-  run_dir = os.path.join(out, "run")
-  macros = {"DATA_DIR": data_dir, "INIT_CHECKPOINT": init_dir}
-  killed = run_training(DEMO_GIN, run_dir, macros, kill_after=KILL_AFTER_STEP)
-  saved = complete_checkpoints(run_dir)
-  print(f"      training killed with SIGKILL (exit {killed}) with checkpoints {saved}; resuming")
-  pretrained_dir = train_to_end(DEMO_GIN, run_dir, macros, "training")
-  if pretrained_dir is None:
-    return 1
-  print(f"[4/8] continual pre-training (log {os.path.join(out, 'train.log')}, TensorBoard "
-        f"{os.path.join(run_dir, 'tensorboard')}): {pretrained_dir}")
-
-  chat_run = os.path.join(out, "instruct_run")
-  chat_dir = train_to_end(INSTRUCT_GIN, chat_run, {"INIT_CHECKPOINT": pretrained_dir},
-                          "instruction tuning")
-  if chat_dir is None:
-    return 1
-  print(f"[5/8] LoRA instruction tuning (adapters {os.path.join(chat_run, 'adapters')}), "
-        f"merged: {chat_dir}")
-
-  hf_dir = os.path.join(out, "hf_export")
-  check = export_and_check(chat_dir, hf_dir, os.path.join(out, "reimported"), mesh)
-  print(f"[6/8] Hugging Face export ({check}): {hf_dir}")
-
-  print("[7/8] greedy generation with the KV cache:")
-  sampling = decode.SamplingConfig(max_new_tokens=args.max_new_tokens)
-  for model_dir, prompts, template in ((pretrained_dir, DEMO_PROMPTS, None),
-                                       (chat_dir, CHAT_PROMPTS, chat.DEFAULT_TEMPLATE)):
-    loaded = loading.load_model(model_dir, mesh)
-    tok = loaded.tokenizer
-    ids = [generate_cli.encode_prompt(tok, p, template) for p in prompts]
-    outputs = decode.generate(loaded.model, loaded.params, ids, sampling, eos_ids=(tok.eos_id,),
-                              mesh=mesh, rules=loaded.rules)
-    for prompt, generated in zip(prompts, outputs):
-      print(f"      {'chat ' if template else ''}{prompt!r} → {tok.decode(generated)!r}")
-
-  eval_dir = os.path.join(out, "eval")
-  if evaluate_on_mibe_samples(chat_dir, eval_dir, chat.DEFAULT_TEMPLATE,
-                              args.eval_max_new_tokens) != 0:
-    print(f"evaluation failed: see the log above and {eval_dir}", file=sys.stderr)
-    return 1
-  print(f"[8/8] medllama-eval of the tuned model on the MIBE and MMLU samples (chat template "
-        f"{chat.DEFAULT_TEMPLATE!r}): {os.path.join(eval_dir, 'results.md')}")
-  logging.info("demo finished")
-  print(f"\nEverything is under {out}. Try:\n"
-        f"  medllama-generate --model {chat_dir} --chat --prompt 'What causes anemia?' --json\n"
-        f"  tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
-  return 0
+  try:
+    prepare_out_dir(out, args.overwrite)
+  except console.UsageError as e:
+    parser.error(str(e))
+  log_dir = args.log_dir = args.log_dir or os.path.join(out, "logs")
+  return console.run(parser.prog, args, lambda: run_demo(args, out, log_dir), show_log_path=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from medllama_jax import progress
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -91,13 +93,19 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   if -1 not in (data, fsdp, tensor) and requested < len(devices) and jax.process_count() == 1:
     logging.warning("mesh uses %d of %d devices", requested, len(devices))
     devices = devices[:requested]
+  requested_sizes = dict(zip(MESH_AXES, (data, fsdp, tensor)))
+  if -1 not in (data, fsdp, tensor) and requested > len(devices):
+    hint = (f"; on CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{requested}" if devices[0].platform == "cpu" else "")
+    raise ValueError(f"mesh {requested_sizes} needs {requested} devices but {len(devices)} "
+                     f"{devices[0].platform} device(s) are present{hint}")
   shape = resolve_axis_sizes((data, fsdp, tensor), len(devices))
   try:
     device_array = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
     device_array = np.asarray(devices).reshape(shape)
   mesh = Mesh(device_array, MESH_AXES)
-  logging.info("mesh %s over %d devices", dict(mesh.shape), len(devices))
+  logging.info("mesh %s over %d devices", dict(mesh.shape), len(devices), extra=progress.FILE_ONLY)
   return mesh
 
 

@@ -1,6 +1,6 @@
 """The paper's supervised setting: evaluate, fine-tune on the training split(s), evaluate again,
 tabulate before and after. The command line is ``medllama-supervised``
-(``medllama_jax/supervised_cli.py``); the recipes are ``gin/supervised_me_llama_13b.gin`` and
+(``medllama_jax/cli/supervised.py``); the recipes are ``gin/supervised_me_llama_13b.gin`` and
 ``gin/demo/supervised_demo.gin``.
 
 For one MIBE dataset or several (default: ``seqio_tasks.supervised.SUPERVISED_DATASETS``),

@@ -16,13 +16,12 @@ import json
 import sys
 from collections.abc import Sequence
 
-from medllama_jax import logs
-from medllama_jax.data import corpora, records
+from medllama_jax.cli import console
+from medllama_jax.data import corpora
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="prepare_corpus", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = console.make_parser("prepare_corpus", __doc__)
   parser.add_argument("--format", required=True, choices=sorted(corpora.READERS))
   parser.add_argument("--input", action="append", required=True, help="path or glob; repeatable")
   parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
@@ -38,20 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  logs.setup()
+def _prepare(args: argparse.Namespace) -> int:
+  from medllama_jax.data import records
+
   options = {name: getattr(args, name) for name in ("pile_set_name", "mimic_category")
              if getattr(args, name) is not None}
-  try:
-    summary = records.prepare(args.format, args.input, args.out, num_shards=args.num_shards,
-                              validation_fraction=args.validation_fraction,
-                              min_chars=args.min_chars, overwrite=args.overwrite, **options)
-  except (corpora.CorpusError, OSError, ValueError) as e:
-    print(f"prepare_corpus: error: {e}", file=sys.stderr)
-    return 1
+  summary = records.prepare(args.format, args.input, args.out, num_shards=args.num_shards,
+                            validation_fraction=args.validation_fraction,
+                            min_chars=args.min_chars, overwrite=args.overwrite, **options)
   print(json.dumps(summary, indent=2))
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  return console.run(parser.prog, args, lambda: _prepare(args))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ import json
 import sys
 from collections.abc import Sequence
 
-from medllama_jax import logs
+from medllama_jax.cli import console
 from medllama_jax.eval import raw
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="prepare_mibe", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = console.make_parser("prepare_mibe", __doc__)
   parser.add_argument("dataset", choices=sorted(raw.CONVERTERS))
   parser.add_argument("--raw", required=True,
                       help="the release: " + "; ".join(f"{name}: {c.raw}"
@@ -38,18 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  logs.setup()
-  try:
-    summary = raw.prepare(args.dataset, args.raw, args.out, test_raw=args.test_raw,
-                          seed=args.seed, test_fraction=args.test_fraction,
-                          overwrite=args.overwrite)
-  except (OSError, ValueError) as e:
-    print(f"prepare_mibe: error: {e}", file=sys.stderr)
-    return 1
+def _prepare(args: argparse.Namespace) -> int:
+  summary = raw.prepare(args.dataset, args.raw, args.out, test_raw=args.test_raw, seed=args.seed,
+                        test_fraction=args.test_fraction, overwrite=args.overwrite)
   print(json.dumps(summary, indent=2))
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  return console.run(parser.prog, args, lambda: _prepare(args))
 
 
 if __name__ == "__main__":

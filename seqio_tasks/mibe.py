@@ -35,7 +35,7 @@ from medllama_jax.data.vocab import llama_vocabulary
 from medllama_jax.eval import datasets as mibe_datasets, metrics
 
 SPLIT = "test"
-DEFAULT_FEWSHOT_SEED = 1234
+DEFAULT_FEWSHOT_SEED = mibe_datasets.DEFAULT_FEWSHOT_SEED
 
 
 @dataclasses.dataclass(frozen=True)

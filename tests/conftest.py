@@ -7,9 +7,13 @@ libtpu is installed for tests/test_tpu_compile.py, which compiles for libtpu's c
 devices. The suite runs on the CPU platform all the same (``JAX_PLATFORMS=cpu``, inherited by the
 commands the tests start), and compile-only use needs neither the GCE metadata server nor libtpu's
 one-process lock (two test workers compile side by side).
+
+Commands started by the tests write their log files into one temporary folder of the session.
 """
 
 import os
+
+import pytest
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -18,3 +22,9 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _command_log_dir(tmp_path_factory):
+  """Log files of the commands run in-process or as subprocesses go under the session's tmp."""
+  os.environ["MEDLLAMA_LOG_DIR"] = str(tmp_path_factory.mktemp("command_logs"))

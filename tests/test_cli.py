@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from medllama_jax import decode, demo, generate_cli, loading, partitioning  # noqa: E402
-from medllama_jax.convert import cli as convert_cli  # noqa: E402
+from medllama_jax import decode, demo, loading, partitioning  # noqa: E402
+from medllama_jax.cli import convert as convert_cli, generate as generate_cli  # noqa: E402
 from medllama_jax.eval.datasets import MIBE_DATASETS  # noqa: E402
 from seqio_tasks.mibe import task_name  # noqa: E402
 from test_evaluator import expected_keys  # noqa: E402
@@ -140,8 +140,8 @@ def test_model_folders_may_be_named_relative_to_the_current_directory(demo_dir, 
   assert loading.load_model(os.path.join("..", tmp_path.name, "model"), mesh).params
 
 
-@pytest.mark.parametrize("entry_point", ["medllama_jax.train.cli", "medllama_jax.eval.cli",
-                                         "medllama_jax.supervised_cli", "medllama_jax.plan.cli"])
+@pytest.mark.parametrize("entry_point", ["medllama_jax.cli.train", "medllama_jax.cli.eval",
+                                         "medllama_jax.cli.supervised", "medllama_jax.cli.plan"])
 def test_malformed_gin_flag_is_a_usage_error(entry_point, capsys):
   """Every gin-configured command reports ``--gin.NAME`` without a value before doing anything."""
   main = importlib.import_module(entry_point).main

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 import seqio
 
-from medllama_jax.contamination import cli, eval_sets, ngrams
+from medllama_jax.cli import contamination as cli
+from medllama_jax.contamination import eval_sets, ngrams
 from medllama_jax.contamination.scan import Scanner
 from medllama_jax.contamination.sources import CorpusDocument
 from medllama_jax.data import records

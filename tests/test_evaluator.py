@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 
 import gin
@@ -224,14 +225,16 @@ def test_bertscore_model_is_used_for_the_summarisation_tasks(model_dir: str, tmp
     np.testing.assert_allclose(metrics[f"{scoring}/bert_score_f1"], float(f1.mean()), rtol=1e-6)
 
 
-def test_bertscore_model_folder_is_checked_before_evaluating(model_dir: str, tmp_path: Path):
-  with pytest.raises(FileNotFoundError, match=r"BERTScore encoder .*missing.*config.json"):
-    cli.main(["--model", model_dir, "--data_dir", str(FIXTURES), "--out", str(tmp_path / "e"),
-              "--tasks", "mimic_cxr", "--bertscore_model", str(tmp_path / "missing")])
+def test_bertscore_model_folder_is_checked_before_evaluating(model_dir: str, tmp_path: Path,
+                                                            capsys):
+  """A bad encoder folder fails at once, in one line, before anything is evaluated or written."""
+  assert cli.main(["--model", model_dir, "--data_dir", str(FIXTURES), "--out", str(tmp_path / "e"),
+                   "--tasks", "mimic_cxr", "--bertscore_model", str(tmp_path / "missing")]) == 1
+  assert re.search(r"error: .*BERTScore encoder .*missing.*config.json", capsys.readouterr().err)
   (tmp_path / "unbounded").mkdir()
   (tmp_path / "unbounded" / "config.json").write_text("{}")
   (tmp_path / "unbounded" / "tokenizer_config.json").write_text("{}")
-  with pytest.raises(ValueError, match=r"tokenizer_config.json: model_max_length is None"):
-    cli.main(["--model", model_dir, "--data_dir", str(FIXTURES), "--out", str(tmp_path / "e"),
-              "--tasks", "mimic_cxr", "--bertscore_model", str(tmp_path / "unbounded")])
+  assert cli.main(["--model", model_dir, "--data_dir", str(FIXTURES), "--out", str(tmp_path / "e"),
+                   "--tasks", "mimic_cxr", "--bertscore_model", str(tmp_path / "unbounded")]) == 1
+  assert "tokenizer_config.json: model_max_length is None" in capsys.readouterr().err
   assert not (tmp_path / "e").exists()

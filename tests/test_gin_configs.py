@@ -1,5 +1,6 @@
 """Every gin file in gin/ parses and builds what it configures, without training or real weights."""
 
+import math
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -77,7 +78,8 @@ def prepared(tmp_path_factory):
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
 def test_recipe_builds_model_mesh_optimizer_and_mixture(path, prepared):
-  from medllama_jax.train import cli, loop  # noqa: F401  (gin configurables)
+  from medllama_jax.cli import gin_flags as cli
+  from medllama_jax.train import loop  # noqa: F401  (gin configurables)
   from medllama_jax.train import optimizer as optim
 
   cli.parse_gin([str(path)], [f"RUN_DIR = '{prepared / 'run'}'", f"DATA_DIR = '{prepared / 'data'}'",
@@ -110,7 +112,8 @@ def test_recipe_builds_model_mesh_optimizer_and_mixture(path, prepared):
 def test_recipes_named_from_the_repository_are_found_from_any_directory(prepared, tmp_path,
                                                                         monkeypatch):
   """``--gin_file=gin/...`` as the README writes it, run from a folder outside the checkout."""
-  from medllama_jax.train import cli, loop  # noqa: F401  (gin configurables)
+  from medllama_jax.cli import gin_flags as cli
+  from medllama_jax.train import loop  # noqa: F401  (gin configurables)
 
   monkeypatch.chdir(tmp_path)
   cli.parse_gin(["gin/pretrain_me_llama_13b.gin", "gin/hardware/gpu.gin"],
@@ -127,7 +130,8 @@ EXPECTED_HARDWARE = {"tpu": ("splash", "bfloat16"), "gpu": ("cudnn", "bfloat16")
 @pytest.mark.parametrize("path", HARDWARE_FILES, ids=lambda p: p.stem)
 def test_hardware_gin_after_a_recipe_sets_the_attention_kernel(path, prepared):
   """Given after a recipe (as its comment says to), the file decides the attention back-end."""
-  from medllama_jax.train import cli, loop  # noqa: F401  (gin configurables)
+  from medllama_jax.cli import gin_flags as cli
+  from medllama_jax.train import loop  # noqa: F401  (gin configurables)
 
   cli.parse_gin([str(GIN_DIR / "pretrain_me_llama_13b.gin"), str(path)],
                 [f"RUN_DIR = '{prepared / 'run'}'", f"DATA_DIR = '{prepared / 'data'}'",
@@ -160,7 +164,8 @@ def instruct_prepared(tmp_path_factory):
 @pytest.mark.parametrize("path", INSTRUCT_RECIPE_FILES, ids=lambda p: p.stem)
 def test_instruct_recipe_builds_model_mesh_optimizer_and_mixture(path, instruct_prepared):
   from medllama_jax.data import pipeline
-  from medllama_jax.train import cli, loop  # noqa: F401  (gin configurables)
+  from medllama_jax.cli import gin_flags as cli
+  from medllama_jax.train import loop  # noqa: F401  (gin configurables)
   from medllama_jax.train import optimizer as optim
 
   root = instruct_prepared
@@ -204,7 +209,7 @@ def test_instruct_recipe_builds_model_mesh_optimizer_and_mixture(path, instruct_
 
 def test_eval_gin_registers_every_mibe_task_with_the_release_protocol(prepared):
   from medllama_jax.eval import evaluator  # noqa: F401  (gin configurables)
-  from medllama_jax.train import cli
+  from medllama_jax.cli import gin_flags as cli
 
   data = str(pathlib.Path(demo.demo_data_path("mibe")))
   cli.parse_gin([str(EVAL_FILE)], [f"CHECKPOINT = '{prepared / 'model'}'", f"DATA_DIR = '{data}'",
@@ -229,7 +234,7 @@ SUPERVISED_RECIPE_FILES = [GIN_DIR / "supervised_me_llama_13b.gin",
 @pytest.mark.parametrize("path", SUPERVISED_RECIPE_FILES, ids=lambda p: p.stem)
 def test_supervised_recipe_builds_model_mesh_optimizer_and_mixture(path, instruct_prepared):
   from medllama_jax import lora
-  from medllama_jax.train import cli
+  from medllama_jax.cli import gin_flags as cli
   from medllama_jax.train import optimizer as optim
 
   root, demo_recipe = instruct_prepared, "demo" in path.stem
@@ -260,7 +265,12 @@ def test_supervised_recipe_builds_model_mesh_optimizer_and_mixture(path, instruc
   mixture = seqio.get_mixture_or_task(name)
   assert sorted(t.name for t in mixture.tasks) == sorted(
       seqio_tasks.supervised.task_name(d) for d in seqio_tasks.supervised.SUPERVISED_DATASETS)
-  if not demo_recipe:
+  if demo_recipe:
+    # The demo's tuning checkpoints before its end, so a killed run resumes rather than restarts.
+    steps = math.ceil(run["epochs"] * seqio_tasks.supervised.train_examples(name)
+                      / run["global_batch_size"])
+    assert gin.get_bindings("medllama_jax.train.loop.train")["save_every"] < steps
+  else:
     assert cfg.dtype == "bfloat16"
     assert gin.get_bindings("medllama_jax.train.loop.train")["sequence_length"] == 4096
     assert (evaluate["stop_sequences"], evaluate["dtype"]) == ((), "bfloat16")

@@ -19,7 +19,8 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from medllama_jax import chat, generate_cli
+from medllama_jax import chat
+from medllama_jax.cli import generate as generate_cli
 from medllama_jax.data import instruct, records
 from medllama_jax.data.feature_converter import LlamaFeatureConverter
 from medllama_jax.data.pipeline import make_data_iterator

@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec  # noqa: E402
 import helpers  # noqa: E402
 from medllama_jax import checkpointing, loading, lora, partitioning  # noqa: E402
 from medllama_jax.config import get_config  # noqa: E402
-from medllama_jax.convert import cli, hf  # noqa: E402
+from medllama_jax.cli import convert as cli  # noqa: E402
+from medllama_jax.convert import hf  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
 from medllama_jax.train import loop  # noqa: E402
 from medllama_jax.train import optimizer as optim  # noqa: E402

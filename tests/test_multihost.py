@@ -59,7 +59,7 @@ def launch(ws, run_dir: str, processes: int, devices_per_process: int, extra_fla
            ) -> list[subprocess.Popen]:
   """``processes`` trainer processes of one run (one JAX runtime when there are several)."""
   # The CLI needs a gin file; the mesh bindings of ``extra_flags`` override its one-device mesh.
-  command = [sys.executable, "-m", "medllama_jax.train.cli", "--gin_file", "mesh/single_device.gin",
+  command = [sys.executable, "-m", "medllama_jax.cli.train", "--gin_file", "mesh/single_device.gin",
              *gin_flags(ws, run_dir, total_steps=TOTAL_STEPS, save_every=SAVE_EVERY, eval_every=0,
                         global_batch_size=GLOBAL_BATCH, sequence_length=LENGTH),
              *extra_flags]

@@ -10,7 +10,8 @@ from pathlib import Path
 import gin
 import pytest
 
-from medllama_jax.eval import cli, evaluator, paper
+from medllama_jax.cli import eval as cli
+from medllama_jax.eval import evaluator, paper
 from seqio_tasks import mibe
 
 # The paper's Table 3 (zero-shot), copied as printed: dataset, metric, then LLaMA2-13B,

@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 from medllama_jax import lora as lora_lib, partitioning  # noqa: E402
 from medllama_jax.config import get_config  # noqa: E402
 from medllama_jax.lora import LoraConfig  # noqa: E402
-from medllama_jax.plan import cli, devices, planner, report  # noqa: E402
+from medllama_jax.cli import plan as cli  # noqa: E402
+from medllama_jax.plan import devices, planner, report  # noqa: E402
 from medllama_jax.plan.memory import CompiledMemory  # noqa: E402
 from medllama_jax.plan.topology import GIB, parse_target, standard_torus  # noqa: E402
 from medllama_jax.train import step as train_step, throughput  # noqa: E402

@@ -17,7 +17,8 @@ import seqio
 
 import seqio_tasks.mibe
 import seqio_tasks.supervised as supervised_tasks
-from medllama_jax import checkpointing, partitioning, supervised, supervised_cli
+from medllama_jax import checkpointing, partitioning, supervised
+from medllama_jax.cli import supervised as supervised_cli
 from medllama_jax.config import get_config
 from medllama_jax.data import records
 from medllama_jax.demo import train_tokenizer

@@ -21,7 +21,8 @@ import pytest
 from medllama_jax import decode, partitioning
 from medllama_jax.config import get_config
 from medllama_jax.model import Llama
-from medllama_jax.plan import cli, devices, planner
+from medllama_jax.cli import plan as cli
+from medllama_jax.plan import devices, planner
 from medllama_jax.plan.topology import parse_target
 
 RULES = partitioning.logical_axis_rules()

@@ -36,7 +36,8 @@ SAVE_EVERY = 2
 # i.e. in the middle of an asynchronous checkpoint write.
 DRIVER = textwrap.dedent("""
     import os, sys
-    from medllama_jax.train import checkpoints, cli
+    from medllama_jax.cli import train as cli
+    from medllama_jax.train import checkpoints
     kill_at, signum = int(sys.argv[1]), int(sys.argv[2])
     if kill_at:
       original = checkpoints.RunCheckpoints.save
@@ -93,11 +94,27 @@ def gin_flags(ws, run_dir: str, **train_overrides) -> list[str]:
   return [f"--gin.{name}={value}" for name, value in bindings.items()]
 
 
-def run_cli(ws, run_dir: str, kill_at: int = 0, signum: int = 0) -> subprocess.CompletedProcess:
+# Sends SIGTERM to the process when the function MODULE.NAME is called, outside the training loop.
+SIGTERM_DRIVER = textwrap.dedent("""
+    import importlib, os, signal, sys
+    from medllama_jax.cli import train as cli
+    module, name = sys.argv[1].rsplit(".", 1)
+    module = importlib.import_module(module)
+    original = getattr(module, name)
+    def interrupted(*args, **kwargs):
+      os.kill(os.getpid(), signal.SIGTERM)
+      return original(*args, **kwargs)
+    setattr(module, name, interrupted)
+    sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+def run_cli(ws, run_dir: str, kill_at: int = 0, signum: int = 0,
+            **train_overrides) -> subprocess.CompletedProcess:
   driver = ws / "driver.py"
   driver.write_text(DRIVER)
   args = [sys.executable, str(driver), str(kill_at), str(signum),
-          "--gin_file", "mesh/data_fsdp_tensor_2x2x2.gin", *gin_flags(ws, run_dir)]
+          "--gin_file", "mesh/data_fsdp_tensor_2x2x2.gin", *gin_flags(ws, run_dir, **train_overrides)]
   return subprocess.run(args, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
@@ -111,6 +128,16 @@ def losses_by_step(run_dir: str) -> dict[int, float]:
       if record["split"] == "train":
         out[record["step"]] = record["loss"]
   return out
+
+
+def tensorboard_steps(run_dir: str) -> dict[str, list[int]]:
+  """Tag → the steps of its scalars, in the order TensorBoard reads them (files by name)."""
+  steps: dict[str, list[int]] = {}
+  for events in sorted(glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(events):
+      for value in event.summary.value:
+        steps.setdefault(value.tag, []).append(event.step)
+  return steps
 
 
 def final_params(run_dir: str) -> dict:
@@ -145,6 +172,8 @@ def test_resume_after_sigterm_and_kill_equals_uninterrupted_run(workspace, tmp_p
   records = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
   assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, TOTAL_STEPS + 1))
   assert [r["step"] for r in records if r["split"] == "eval"] == [4, 8]
+  # TensorBoard likewise: the events past the restored step are dropped on resume.
+  assert tensorboard_steps(resumed) == tensorboard_steps(straight)
   a, b = final_params(straight), final_params(resumed)
   assert a.keys() == b.keys()
   for name in a:
@@ -169,6 +198,29 @@ def test_resume_after_sigterm_and_kill_equals_uninterrupted_run(workspace, tmp_p
   assert loaded.config.to_hf_dict() == get_config("tiny").to_hf_dict()
   assert loaded.tokenizer.encode("the heart") == tokenizer.load_tokenizer(
       str(workspace / "tokenizer")).encode("the heart")
+
+
+@pytest.mark.parametrize("function,stage", [
+    ("medllama_jax.data.pipeline.make_data_iterator", "setting up the run"),
+    ("medllama_jax.loading.save_model", "writing the final model folder")])
+def test_sigterm_outside_the_loop_says_what_it_interrupted_and_a_rerun_completes(
+    workspace, tmp_path, function, stage):
+  run_dir = str(tmp_path / "run")
+  driver = workspace / "sigterm_driver.py"
+  driver.write_text(SIGTERM_DRIVER)
+  flags = ["--gin_file", "mesh/data_fsdp_tensor_2x2x2.gin",
+           *gin_flags(workspace, run_dir, total_steps=2, eval_every=0)]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  interrupted = subprocess.run([sys.executable, str(driver), function, *flags],
+                               capture_output=True, text=True, timeout=600, env=env)
+  assert interrupted.returncode == 128 + signal.SIGTERM, interrupted.stderr[-3000:]
+  last = interrupted.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"medllama-train: terminated by SIGTERM during: {stage}"), last
+  assert "rerun the same command" in last and "Traceback" not in interrupted.stderr
+  assert not os.path.exists(os.path.join(run_dir, "final_model"))
+  finished = run_cli(workspace, run_dir, total_steps=2, eval_every=0)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert os.path.isdir(os.path.join(run_dir, "final_model", checkpointing.PARAMS_DIR))
 
 
 def write_model_folder(directory: str, config, nan: bool = False) -> str:

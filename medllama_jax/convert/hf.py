@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from medllama_jax import checkpointing, tokenizer
+from medllama_jax import checkpointing, progress, tokenizer
 from medllama_jax.checkpointing import ParamPath
 from medllama_jax.config import LlamaConfig
 from medllama_jax.convert.safetensors_io import SafetensorsWriter
@@ -171,7 +171,7 @@ def write_model_folder(source: TensorSource, config: LlamaConfig, config_source:
   dtypes: set[str] = set()
 
   def tensors() -> Iterator[tuple[ParamPath, np.ndarray]]:
-    for path, array in _logged(converted_tensors(source, rules, target_dtype), len(rules), origin):
+    for path, array in _with_progress(converted_tensors(source, rules, target_dtype), len(rules), origin):
       dtypes.add(str(array.dtype))
       yield path, array
 
@@ -188,11 +188,11 @@ def write_model_folder(source: TensorSource, config: LlamaConfig, config_source:
   return config
 
 
-def _logged(items: Iterator[Any], total: int, origin: str) -> Iterator[Any]:
-  for i, item in enumerate(items, 1):
-    if i == total or i % max(1, total // 20) == 0:
-      logging.info("%s: %d/%d tensors", origin, i, total)
+def _with_progress(items: Iterator[Any], total: int, origin: str) -> Iterator[Any]:
+  bar = progress.Bar(f"reading {origin}", total, "tensors")
+  for item in items:
     yield item
+    bar.update()
 
 
 def _shard_plan(entries: list[tuple[str, np.dtype, tuple[int, ...]]],
@@ -257,6 +257,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
 
   with staged_directory(out_dir) as staging:
     weight_map, total = {}, 0
+    bar = progress.Bar(f"exporting to {len(shards)} safetensors file(s)", len(entries), "tensors")
     for index, shard in enumerate(shards, 1):
       filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
       with SafetensorsWriter(os.path.join(staging, filename), shard, {"format": "pt"}) as writer:
@@ -265,7 +266,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
           writer.write(name, array)
           weight_map[name] = filename
           total += array.nbytes
-      logging.info("wrote %s (%d tensors)", filename, len(shard))
+          bar.update()
     cached.clear()
     with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -86,6 +86,8 @@ from medllama_jax.eval import metrics, scorers
 
 Record = dict[str, Any]
 PROMPT_VARIANTS = ("release", "fixed")
+# The seed the release draws few-shot examples with.
+DEFAULT_FEWSHOT_SEED = 1234
 
 
 # --------------------------------------------------------------------------------------------------

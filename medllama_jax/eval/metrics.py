@@ -21,7 +21,6 @@ from collections.abc import Collection, Hashable, Sequence
 from typing import Literal
 
 import numpy as np
-from rouge_score import rouge_scorer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -183,6 +182,9 @@ def rouge(targets: Sequence[str], predictions: Sequence[str], *,
   consumed rouge1, rouge2, rougeL in turn) but from ``RandomState(seed)`` instead of the unseeded
   global generator, so a run can be repeated.
   """
+  # rouge-score imports nltk (seconds): loaded when ROUGE is computed, not with every metric.
+  from rouge_score import rouge_scorer
+
   _check_lengths(targets, predictions)
   scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES))
   per_example = [scorer.score(t, p) for t, p in zip(targets, predictions)]

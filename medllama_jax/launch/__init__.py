@@ -2,5 +2,5 @@
 through ``ssh``.
 
 Every command is built as an argv list by pure functions (so tests can check it exactly) and the
-command-line tool (``medllama_jax.launch.cli``) prints each one before it runs it.
+command-line tool (``medllama_jax.cli.tpu``) prints each one before it runs it.
 """

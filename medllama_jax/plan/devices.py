@@ -9,17 +9,21 @@
   analysis is the one a run on that slice would get, and Pallas kernels (splash attention) are
   compiled by Mosaic as on the slice. libtpu's one-process-per-machine lock guards real chips;
   compile-only devices touch none, so plans lift it and may run side by side.
+
+jax is imported when devices are made, not with this module: ``medllama-plan`` checks its arguments
+(targets, compilers) before paying for jax.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-
-import jax
-from jax.experimental import topologies
+from typing import TYPE_CHECKING
 
 from medllama_jax.plan.topology import Target
+
+if TYPE_CHECKING:
+  import jax
 
 COMPILERS = ("auto", "cpu", "tpu")
 DESCRIPTIONS = {
@@ -61,6 +65,8 @@ def prepare_backend(num_cpu_devices: int) -> None:
   Without effect in a process whose backends already started; ``cpu_devices`` then says whether
   there are enough.
   """
+  import jax
+
   jax.config.update("jax_platforms", "cpu")
   flags = os.environ.get("XLA_FLAGS", "")
   if _DEVICE_COUNT_FLAG not in flags:
@@ -68,6 +74,8 @@ def prepare_backend(num_cpu_devices: int) -> None:
 
 
 def cpu_devices(count: int) -> list[jax.Device]:
+  import jax
+
   devices = jax.devices("cpu")
   if len(devices) < count:
     raise RuntimeError(
@@ -79,6 +87,8 @@ def cpu_devices(count: int) -> list[jax.Device]:
 
 def tpu_devices(target: Target) -> list[jax.Device]:
   """Compile-only devices of the slice: libtpu's description of its chips and torus, no hardware."""
+  from jax.experimental import topologies
+
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask on this machine
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chips to guard with the lock
   description = topologies.get_topology_desc(

@@ -46,7 +46,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from medllama_jax import loading, lora as lora_lib, partitioning
+from medllama_jax import loading, lora as lora_lib, partitioning, progress
 from medllama_jax.config import RUNTIME_FIELDS, LlamaConfig, model_config
 from medllama_jax.data import pipeline
 from medllama_jax.lora import LoraConfig
@@ -153,17 +153,49 @@ def _drop_records_after(path: epath.Path, step: int) -> None:
                  path, dropped, step)
 
 
+def _drop_events_after(tensorboard_dir: str, step: int) -> None:
+  """Rewrites (atomically) the TensorBoard event files without the summaries of steps after ``step``.
+
+  The same reason as :func:`_drop_records_after`: TensorBoard would otherwise show the redone steps
+  twice, out of order. A record cut short by the interruption ends its file's reading.
+  """
+  import tensorflow as tf  # Already loaded by the TensorBoard writer; only this function needs it.
+
+  for path in tf.io.gfile.glob(os.path.join(tensorboard_dir, "events.out.tfevents.*")):
+    kept, dropped = [], 0
+    try:
+      for record in tf.data.TFRecordDataset(path):
+        event = tf.compat.v1.Event.FromString(record.numpy())
+        if event.HasField("summary") and event.step > step:
+          dropped += 1
+        else:
+          kept.append(record.numpy())
+    except tf.errors.DataLossError:
+      dropped += 1
+    if not dropped:
+      continue
+    staging = f"{path}.rewrite"
+    with tf.io.TFRecordWriter(staging) as writer:
+      for record in kept:
+        writer.write(record)
+    tf.io.gfile.rename(staging, path, overwrite=True)
+    logging.info("%s: %d events past step %d dropped (they are redone from the checkpoint)",
+                 path, dropped, step)
+
+
 class _MetricsLog:
   """Averages step metrics between logs and writes them to the log, TensorBoard and JSON lines."""
 
   def __init__(self, run_dir: str, config: LlamaConfig, sequence_length: int, total_steps: int,
                schedule, num_devices: int, start_step: int):
     self._primary = jax.process_index() == 0
-    self._writer = metric_writers.create_default_writer(
-        os.path.join(run_dir, "tensorboard"), just_logging=not self._primary, asynchronous=False)
+    tensorboard_dir = os.path.join(run_dir, "tensorboard")
     jsonl = epath.Path(run_dir, "metrics.jsonl")
     if self._primary:
       _drop_records_after(jsonl, start_step)
+      _drop_events_after(tensorboard_dir, start_step)
+    self._writer = metric_writers.create_default_writer(
+        tensorboard_dir, just_logging=not self._primary, asynchronous=False)
     self._jsonl = jsonl.open("a") if self._primary else None
     self._config, self._length, self._total = config, sequence_length, total_steps
     self._schedule, self._devices = schedule, num_devices
@@ -200,9 +232,10 @@ class _MetricsLog:
     self.write(step, out, "train")
     remaining = (self._total - step) * out["step_time_s"]
     logging.info("step %d/%d (%.0f%%) loss %.4f ppl %.2f lr %.3g grad_norm %.3f %.0f tok/s%s, "
-                 "ETA %.0f s", step, self._total, 100.0 * step / self._total, out["loss"],
+                 "ETA %s", step, self._total, 100.0 * step / self._total, out["loss"],
                  out["perplexity"], out["learning_rate"], out["grad_norm"], out["tokens_per_s"],
-                 f" MFU {100 * utilisation:.1f}%" if utilisation is not None else "", remaining)
+                 f" MFU {100 * utilisation:.1f}%" if utilisation is not None else "",
+                 progress.format_duration(remaining))
     self._sums, self._count, self._tokens, self._batch_tokens = {}, 0, 0.0, 0
     self._start = time.perf_counter()
     return out
@@ -307,16 +340,18 @@ def _start(run: _Run, init_checkpoint: str | None, seed: int) -> tuple[train_ste
   checkpoint's, or fresh (``init_checkpoint``'s or random parameters; fresh LoRA adapters)."""
   latest = run.ckpts.latest_step()
   if latest is not None:
-    abstract_state = partitioning.placed(
-        partitioning.unbox(train_step.abstract_train_state(run.model, run.tx)), run.state_shardings)
-    state, meta = run.ckpts.restore(latest, abstract_state, run.data)
-    logging.info("resuming at step %d", latest)
+    with progress.stage(f"resuming at step {latest} from {run.ckpts.directory}"):
+      abstract_state = partitioning.placed(
+          partitioning.unbox(train_step.abstract_train_state(run.model, run.tx)),
+          run.state_shardings)
+      state, meta = run.ckpts.restore(latest, abstract_state, run.data)
     return state, int(meta.get("skipped_steps", 0))
-  if run.frozen is None:
-    params = _initial_params(run.model, init_checkpoint, run.mesh, run.rules, seed)
-  else:
-    params = lora_lib.init_adapters(run.model, run.mesh, run.rules, jax.random.key(seed))
-  return train_step.init_train_state(params, run.tx, run.state_shardings), 0
+  with progress.stage("initialising the train state"):
+    if run.frozen is None:
+      params = _initial_params(run.model, init_checkpoint, run.mesh, run.rules, seed)
+    else:
+      params = lora_lib.init_adapters(run.model, run.mesh, run.rules, jax.random.key(seed))
+    return train_step.init_train_state(params, run.tx, run.state_shardings), 0
 
 
 def _loss_evaluation(run: _Run, log: _MetricsLog, mixture: str, sequence_length: int,
@@ -362,6 +397,9 @@ def _step_loop(run: _Run, step_fn, state: train_step.TrainState, skipped: int, l
   last: dict[str, float] = {}
   wrote_config = False
   consecutive_skips = 0
+  if step < total_steps:
+    logging.info("training steps %d to %d (the first one compiles the step: it takes longer)",
+                 step + 1, total_steps)
   while step < total_steps:
     state, metrics = step_fn(state, pipeline.global_batch(next(run.data), run.mesh, run.rules))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -439,8 +477,9 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
     raise ValueError(f"on_non_finite={on_non_finite!r} is not one of {NON_FINITE_POLICIES}")
   if lora is not None and init_checkpoint is None:
     raise ValueError("LoRA training needs init_checkpoint: the base model the adapters adapt")
-  run = _setup(run_dir, mixture, sequence_length, global_batch_size, total_steps, seed,
-               init_checkpoint, lora, save_every, keep_checkpoints, async_checkpoints)
+  with progress.stage(f"setting up the run in {run_dir} (mesh, model, data pipeline)"):
+    run = _setup(run_dir, mixture, sequence_length, global_batch_size, total_steps, seed,
+                 init_checkpoint, lora, save_every, keep_checkpoints, async_checkpoints)
   state, skipped = _start(run, init_checkpoint, seed)
   step_fn = train_step.jit_train_step(
       train_step.make_train_step(run.model, run.tx, num_microbatches, z_loss, dropout_seed=seed),
@@ -470,6 +509,7 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
       log.close()
   final_dir = adapters_dir = None
   if step == total_steps:
-    final_dir, adapters_dir = _export(run, state.params, lora, init_checkpoint, tokenizer_dir)
+    with progress.stage(f"writing the final model folder in {run_dir}"):
+      final_dir, adapters_dir = _export(run, state.params, lora, init_checkpoint, tokenizer_dir)
   return TrainResult(step=step, final_model_dir=final_dir, stopped_by_signal=stopped_by_signal,
                      last_metrics=last, adapters_dir=adapters_dir)

@@ -13,9 +13,12 @@ peak, so no MFU is reported for them.
 
 from __future__ import annotations
 
-import jax
+from typing import TYPE_CHECKING
 
 from medllama_jax.config import LlamaConfig
+
+if TYPE_CHECKING:
+  import jax
 
 # device_kind prefix (as jax reports it) → dense bf16 FLOP/s per chip.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
@@ -41,6 +44,8 @@ def training_flops_per_token(config: LlamaConfig, sequence_length: int) -> float
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
   """The chip's dense bf16 peak, or None (CPU, unknown accelerator)."""
+  import jax  # Here, not at the top: the planner reads the peaks table before it starts jax.
+
   kind = (device or jax.devices()[0]).device_kind
   for prefix, flops in PEAK_BF16_FLOPS:
     if kind.startswith(prefix):

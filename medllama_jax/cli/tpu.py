@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from medllama_jax import logs
+from medllama_jax.cli import console
 from medllama_jax.launch import accelerators, hosts, remote, runner, tpu
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -62,9 +62,9 @@ def _run_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="medllama_tpu.py", description=__doc__, allow_abbrev=False,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> console.ArgumentParser:
+  parser = console.make_parser("medllama_tpu.py", __doc__)
+  parser.allow_abbrev = False
   commands = parser.add_subparsers(dest="command", required=True)
   target, run = _target_parser(), _run_parser()
 
@@ -225,27 +225,30 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return [a for a in argv if not a.startswith("--gin.")], gin
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  rest, gin_flags = split_gin_flags(argv)
-  args = build_parser().parse_args(rest)
-  logs.setup()
+def _run_command(args: argparse.Namespace, gin_flags: Sequence[str]) -> int:
+  """Builds the subcommand's plan and runs it; the exit status of a failed remote command is
+  passed on."""
   try:
     plan = build_plan(args, gin_flags)
-    runner.run_plan(plan, args.dry_run)
   except ValueError as e:
-    print(f"medllama_tpu.py {args.command}: {e}", file=sys.stderr)
-    return 2
+    raise console.UsageError(f"{args.command}: {e}") from e
+  try:
+    runner.run_plan(plan, args.dry_run)
   except FileNotFoundError as e:
-    print(f"medllama_tpu.py {args.command}: {e.filename}: not found (gcloud comes with the Google "
-          "Cloud CLI; ssh/scp with OpenSSH)", file=sys.stderr)
-    return 2
+    raise console.UsageError(f"{args.command}: {e.filename}: not found (gcloud comes with the "
+                             "Google Cloud CLI; ssh/scp with OpenSSH)") from e
   except runner.CommandFailed as e:
     print(f"medllama_tpu.py {args.command}: {e}", file=sys.stderr)
     return e.returncode if 0 < e.returncode < 256 else 1
-  except KeyboardInterrupt:
-    return 130
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, gin_flags = split_gin_flags(argv)
+  parser = build_parser()
+  args = parser.parse_args(rest)
+  return console.run(parser.prog, args, lambda: _run_command(args, gin_flags))
 
 
 def run() -> None:

@@ -16,10 +16,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-
-from medllama_jax import loading, logs, partitioning
-from medllama_jax.convert import hf, meta
-from medllama_jax.convert.sources import ConversionError
+from medllama_jax.cli import console
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -33,9 +30,8 @@ def parse_size(text: str) -> int:
   return int(float(match.group(1)) * 1024 ** " KMGT".index(unit or " "))
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="medllama-convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> console.ArgumentParser:
+  parser = console.make_parser("medllama-convert", __doc__)
   commands = parser.add_subparsers(dest="command", required=True)
   to_orbax = commands.add_parser("hf-to-orbax", help="HF folder → model folder (Orbax)")
   to_orbax.add_argument("--hf_dir", required=True)
@@ -57,24 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  logs.setup()
-  try:
-    if args.command == "hf-to-orbax":
-      hf.hf_to_orbax(args.hf_dir, args.out, args.dtype)
-    elif args.command == "meta-to-orbax":
-      meta.meta_to_orbax(args.meta_dir, args.out, args.dtype, args.tokenizer_dir)
-    elif args.command == "orbax-to-hf":
-      hf.orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
-    else:
-      loading.merge_lora(args.base, args.adapters, args.out, partitioning.make_mesh(),
-                         None if args.dtype == "auto" else args.dtype)
-  except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
-    print(f"medllama-convert: error: {e}", file=sys.stderr)
-    return 1
+def _convert(args: argparse.Namespace) -> int:
+  from medllama_jax import loading, partitioning
+  from medllama_jax.convert import hf, meta
+
+  if args.command == "hf-to-orbax":
+    hf.hf_to_orbax(args.hf_dir, args.out, args.dtype)
+  elif args.command == "meta-to-orbax":
+    meta.meta_to_orbax(args.meta_dir, args.out, args.dtype, args.tokenizer_dir)
+  elif args.command == "orbax-to-hf":
+    hf.orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
+  else:
+    loading.merge_lora(args.base, args.adapters, args.out, partitioning.make_mesh(),
+                       None if args.dtype == "auto" else args.dtype)
   print(f"medllama-convert: wrote {args.out}")
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  return console.run(parser.prog, args, lambda: _convert(args))
 
 
 def run() -> None:

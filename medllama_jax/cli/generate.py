@@ -12,21 +12,20 @@ assistant's answer is generated.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 
 from absl import logging
 
-from medllama_jax import chat, decode, loading, logs, partitioning
+from medllama_jax import chat
+from medllama_jax.cli import console
 from medllama_jax.data.instruct import USER, Conversation, Turn
 from medllama_jax.tokenizer import Tokenizer
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="medllama-generate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> console.ArgumentParser:
+  parser = console.make_parser("medllama-generate", __doc__)
   parser.add_argument("--model", required=True, help="model folder: Orbax (params/) or Hugging Face")
   parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
   parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -56,9 +55,9 @@ def encode_prompt(tok: Tokenizer, prompt: str, chat_template: str | None = None)
   return chat.render_prompt(Conversation((Turn(USER, prompt),)), tok, chat_template)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  logs.setup()
+def _generate(args) -> int:
+  from medllama_jax import decode, loading, partitioning
+
   partitioning.initialize_distributed()
   mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(args.mesh))
   loaded = loading.load_model(args.model, mesh, dtype=args.dtype, param_dtype=args.dtype,
@@ -79,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       print(f"{prompt}{text}\n")
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  return console.run(parser.prog, args, lambda: _generate(args))
 
 
 def run() -> None:

@@ -34,19 +34,19 @@ from collections.abc import Sequence
 
 import gin
 
-import seqio_tasks.mibe
-from medllama_jax import chat, logs, partitioning
-from medllama_jax.eval import api, evaluator, paper
-from medllama_jax.eval.datasets import MIBE_DATASETS
-from medllama_jax.train.cli import apply_gin, gin_parser, parse_command
+from medllama_jax import chat
+from medllama_jax.cli import console, gin_flags
+from medllama_jax.eval import api, paper
+from medllama_jax.eval import datasets as mibe_datasets
 
 PAPER_MODEL_BINDING = "medllama_jax.eval.evaluator.write_results.paper_model"
+DEFAULT_LENGTH_BUCKET = 64
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> console.ArgumentParser:
   # With --gin_file, the flags below other than --write_predictions are not used.
-  parser = gin_parser("medllama-eval", __doc__, "evaluate.max_new_tokens = 64",
-                      gin_file_required=False)
+  parser = gin_flags.gin_parser("medllama-eval", __doc__, "evaluate.max_new_tokens = 64",
+                                gin_file_required=False)
   parser.add_argument("--model", help="model folder: Orbax (params/) or Hugging Face")
   parser.add_argument("--data_dir", help="folder with one sub-folder per dataset")
   parser.add_argument("--out", help="folder for results.json, results.md, tensorboard/")
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated datasets; 'all' = the 12 MIBE datasets")
   parser.add_argument("--num_shots", default="0", help="comma-separated shot counts")
   parser.add_argument("--prompt_variant", choices=("release", "fixed"), default="release")
-  parser.add_argument("--fewshot_seed", type=int, default=seqio_tasks.mibe.DEFAULT_FEWSHOT_SEED)
+  parser.add_argument("--fewshot_seed", type=int, default=mibe_datasets.DEFAULT_FEWSHOT_SEED)
   parser.add_argument("--max_new_tokens", type=int, default=256)
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--stop", action="append", default=[],
@@ -95,38 +95,39 @@ def build_parser() -> argparse.ArgumentParser:
                       help="local encoder folder for the summarisation tasks' BERTScore (the "
                            "release: bert-base-multilingual-cased, layer 9); without it n/a "
                            "(gin: register_mibe_tasks.bertscore_model_dir)")
-  parser.add_argument("--length_bucket", type=int, default=evaluator.EvalSettings.length_bucket,
+  parser.add_argument("--length_bucket", type=int, default=DEFAULT_LENGTH_BUCKET,
                       help="pad prompts to a multiple of this many tokens: one compiled program "
                            "per bucket, so larger means fewer compilations and more padding")
   return parser
 
 
-def _evaluate_api(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                  names: Sequence[str]) -> int:
-  """Evaluates the served model on ``names``; an unreachable endpoint, a missing key or missing
-  answers end the run with status 1 and a message saying how to resume."""
+def _api_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> api.ApiSettings:
+  """The served model's settings; a mistake in them is a usage error."""
   if args.api_model is None:
     parser.error("--api_base_url needs --api_model")
   if args.chat_template is not None and args.api_endpoint == "chat":
     parser.error("--chat_template is for --api_endpoint completions; a chat endpoint applies the "
                  "served model's own template")
   try:
-    settings = api.ApiSettings(args.api_base_url, args.api_model, args.api_endpoint,
-                               args.api_key_env, args.api_system, args.api_concurrency,
-                               args.api_max_retries, args.api_timeout)
+    return api.ApiSettings(args.api_base_url, args.api_model, args.api_endpoint,
+                           args.api_key_env, args.api_system, args.api_concurrency,
+                           args.api_max_retries, args.api_timeout)
   except ValueError as e:
     parser.error(str(e))
+
+
+def _evaluate_api(settings: api.ApiSettings, args: argparse.Namespace,
+                  names: Sequence[str]) -> None:
+  """Evaluates the served model on ``names``; an unreachable endpoint, a missing key or missing
+  answers end the run with one line saying how to resume."""
+  from medllama_jax.eval import evaluator
+
   eval_settings = evaluator.EvalSettings(args.max_new_tokens, args.batch_size, tuple(args.stop),
                                          not args.no_option_scoring,
                                          chat_template=args.chat_template)
-  try:
-    backend = evaluator.ApiBackend(settings, os.path.join(args.out, "api_cache"))
-    evaluator.evaluate_model(backend, names, args.out, eval_settings, args.api_model,
-                             write_predictions=args.write_predictions)
-  except api.ApiError as e:
-    print(f"medllama-eval: {e}", file=sys.stderr)
-    return 1
-  return 0
+  backend = evaluator.ApiBackend(settings, os.path.join(args.out, "api_cache"))
+  evaluator.evaluate_model(backend, names, args.out, eval_settings, args.api_model,
+                           write_predictions=args.write_predictions)
 
 
 def _vocabulary_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -139,6 +140,18 @@ def _vocabulary_path(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     parser.error("with --api_base_url, give --tokenizer (a LLaMA tokenizer.model or a folder "
                  "holding it) to register the tasks with")
   return args.tokenizer or args.model
+
+
+def _datasets(tasks: str) -> list[str]:
+  """``--tasks`` as dataset names (``all``: the 12 MIBE datasets); an unknown one is a usage
+  error listing the known ones."""
+  names = [name for item in tasks.split(",")
+           for name in (mibe_datasets.MIBE_DATASETS if item == "all" else (item.strip(),))]
+  unknown = [name for name in names if name not in mibe_datasets.SPECS]
+  if unknown:
+    raise console.UsageError(f"--tasks: unknown dataset(s) {', '.join(unknown)}; known: all, "
+                             f"{', '.join(sorted(mibe_datasets.SPECS))}")
+  return names
 
 
 def _compare_to_paper(parser: argparse.ArgumentParser, model: str | None) -> None:
@@ -157,29 +170,28 @@ def _compare_to_paper(parser: argparse.ArgumentParser, model: str | None) -> Non
     parser.error(str(e))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = build_parser()
-  args, gin_flags = parse_command(parser, argv)
-  logs.setup()
+def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,
+              bindings: Sequence[str]) -> int:
+  import seqio_tasks.mibe
+  from medllama_jax import partitioning
+  from medllama_jax.eval import evaluator
+
   partitioning.initialize_distributed()
   if args.gin_file:
-    apply_gin(args, gin_flags)
+    gin_flags.apply_gin(args, bindings)
     _compare_to_paper(parser, args.compare_to_paper)
     evaluator.evaluate(**({"write_predictions": True} if args.write_predictions else {}))
     return 0
-  required = ("data_dir", "out") if args.api_base_url else ("model", "data_dir", "out")
-  missing = [flag for flag in required if getattr(args, flag) is None]
-  if missing:
-    parser.error(f"without --gin_file, give {', '.join('--' + m for m in missing)}")
-  datasets = [dataset for item in args.tasks.split(",")
-              for dataset in (MIBE_DATASETS if item == "all" else (item,))]
+  datasets = _datasets(args.tasks)
+  settings = _api_settings(parser, args) if args.api_base_url else None
   names = seqio_tasks.mibe.register_mibe_tasks(
       args.data_dir, _vocabulary_path(parser, args), datasets=datasets,
       num_shots=[int(k) for k in args.num_shots.split(",")], prompt_variant=args.prompt_variant,
       fewshot_seed=args.fewshot_seed, bertscore_model_dir=args.bertscore_model)
   _compare_to_paper(parser, args.compare_to_paper)
-  if args.api_base_url:
-    return _evaluate_api(parser, args, names)
+  if settings is not None:
+    _evaluate_api(settings, args, names)
+    return 0
   evaluator.evaluate(args.model, names, args.out, max_new_tokens=args.max_new_tokens,
                      batch_size=args.batch_size, stop_sequences=args.stop,
                      score_options=not args.no_option_scoring,
@@ -187,6 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                      chat_template=args.chat_template, adapters=args.adapters,
                      length_bucket=args.length_bucket)
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args, bindings = gin_flags.parse_command(parser, argv)
+  if not args.gin_file:
+    required = ("data_dir", "out") if args.api_base_url else ("model", "data_dir", "out")
+    missing = [flag for flag in required if getattr(args, flag) is None]
+    if missing:
+      parser.error(f"without --gin_file, give {', '.join('--' + m for m in missing)}")
+  return console.run(parser.prog, args, lambda: _evaluate(parser, args, bindings),
+                     show_log_path=True)
 
 
 def run() -> None:

@@ -24,23 +24,24 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from absl import logging
 
-from medllama_jax import logs
-from medllama_jax.contamination import eval_sets, report, sources
-from medllama_jax.contamination.decontaminate import DecontaminatedCopy
-from medllama_jax.contamination.scan import Scanner
+from medllama_jax.cli import console
 from medllama_jax.data import corpora
 from medllama_jax.eval import datasets as mibe_datasets
+
+if TYPE_CHECKING:
+  from medllama_jax.contamination import sources
+  from medllama_jax.contamination.decontaminate import DecontaminatedCopy
 
 DEFAULT_N = 13
 NORMALISATION = "NFKC, casefold, words = runs of letters/digits"
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="medllama-contamination", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> console.ArgumentParser:
+  parser = console.make_parser("medllama-contamination", __doc__)
   parser.add_argument("--data_dir", required=True, help="folder with one sub-folder per dataset")
   parser.add_argument("--tasks", default="all",
                       help="comma-separated datasets; 'all' = the 12 MIBE datasets")
@@ -70,12 +71,15 @@ def _datasets(tasks: str) -> list[str]:
            for name in (mibe_datasets.MIBE_DATASETS if item == "all" else (item,))]
   unknown = sorted(set(names) - set(mibe_datasets.SPECS))
   if unknown:
-    raise ValueError(f"--tasks: unknown datasets {unknown}; known: {sorted(mibe_datasets.SPECS)}")
+    raise console.UsageError(f"--tasks: unknown datasets {', '.join(unknown)}; known: all, "
+                             f"{', '.join(sorted(mibe_datasets.SPECS))}")
   return list(dict.fromkeys(names))
 
 
 def _copies(prepared: Sequence[sources.PreparedCorpus], out: str,
             overwrite: bool) -> dict[str, DecontaminatedCopy]:
+  from medllama_jax.contamination.decontaminate import DecontaminatedCopy  # noqa: F811
+
   folders = [os.path.basename(os.path.normpath(corpus.path)) for corpus in prepared]
   if len(set(folders)) < len(folders):
     raise ValueError(f"--write_decontaminated: --prepared folders {folders} share a name; each "
@@ -86,6 +90,9 @@ def _copies(prepared: Sequence[sources.PreparedCorpus], out: str,
 
 def contamination(args: argparse.Namespace) -> dict:
   """Checks every source against the evaluation sets; returns the report written to ``--out``."""
+  from medllama_jax.contamination import eval_sets, report, sources
+  from medllama_jax.contamination.scan import Scanner
+
   datasets = _datasets(args.tasks)
   prepared = [sources.PreparedCorpus(path) for path in args.prepared]
   corpus_sources: list[sources.CorpusSource] = [
@@ -125,12 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if not (args.prepared or args.instruct or args.raw):
     parser.error("give at least one corpus source: --prepared, --instruct or --raw")
-  logs.setup()
-  try:
-    result = contamination(args)
-  except (corpora.CorpusError, OSError, ValueError) as e:
-    print(f"medllama-contamination: error: {e}", file=sys.stderr)
-    return 1
+  return console.run(parser.prog, args, lambda: _scan_and_report(args))
+
+
+def _scan_and_report(args: argparse.Namespace) -> int:
+  from medllama_jax.contamination import report
+
+  result = contamination(args)
   json_path, markdown_path = report.write_report(args.out, result)
   for dataset, entry in result["datasets"].items():
     logging.info("%s: %d of %d examples contaminated", dataset, entry["contaminated_examples"],

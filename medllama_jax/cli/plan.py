@@ -23,20 +23,21 @@ import itertools
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import gin
-import jax
 from absl import logging
 
-from medllama_jax import logs, partitioning
-from medllama_jax.config import ATTENTION_IMPLS, REMAT_POLICIES, model_config
-from medllama_jax.plan import devices, planner, report
+from medllama_jax.cli import console, gin_flags
+from medllama_jax.config import ATTENTION_IMPLS, REMAT_POLICIES
+from medllama_jax.plan import devices
 from medllama_jax.plan.topology import Target, parse_target
-from medllama_jax.train import cli as train_cli
+
+if TYPE_CHECKING:
+  from medllama_jax.plan import planner
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = train_cli.gin_parser("medllama-plan", __doc__, "train.num_microbatches = 8")
+def build_parser() -> console.ArgumentParser:
+  parser = gin_flags.gin_parser("medllama-plan", __doc__, "train.num_microbatches = 8")
   parser.add_argument("--topology", action="append", required=True,
                       help="target: a TPU slice (v5p-256, v4-128, v5litepod-16, v6e-64, v5p:4x4x12) "
                            "or GPUs (8xH100); repeatable")
@@ -64,13 +65,17 @@ def parse_recipe(files: Sequence[str], bindings: Sequence[str],
                  search_paths: Sequence[str]) -> None:
   """Parses gin like ``medllama-train`` but leaves the config unfinalised: finalising checks that
   every macro is set, and a plan never reads what ``RUN_DIR``/``DATA_DIR``/``INIT_CHECKPOINT`` name."""
-  train_cli.add_gin_search_paths(search_paths)
-  gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+  gin_flags.parse_gin(files, bindings, search_paths, finalize=False)
 
 
 def plan(targets: Sequence[Target], compilers: Sequence[str], variants: Sequence[planner.Variant]
          ) -> list[planner.PlanResult]:
   """Compiles every variant for every target (with that target's compiler), in the order given."""
+  import jax
+
+  from medllama_jax.config import model_config
+  from medllama_jax.plan import planner  # noqa: F811
+
   config, settings = model_config(), planner.TrainSettings.from_gin()
   results = []
   for target, compiler in zip(targets, compilers):
@@ -85,28 +90,29 @@ def plan(targets: Sequence[Target], compilers: Sequence[str], variants: Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  parser = build_parser()
+  args, bindings = gin_flags.parse_command(parser, argv)
+  return console.run(parser.prog, args, lambda: _plan_and_report(args, bindings))
+
+
+def _plan_and_report(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+  from medllama_jax import partitioning
+  from medllama_jax.config import model_config
+  from medllama_jax.plan import planner, report
+
   try:
-    args, gin_flags = train_cli.parse_command(build_parser(), argv)
     targets = [parse_target(spec) for spec in args.topology]
     compilers = [devices.choose_compiler(args.compiler, target) for target in targets]
     meshes = [partitioning.parse_mesh_spec(spec) for spec in args.mesh] or [None]
     mfu, reserve = report.check_mfu(args.mfu), report.check_reserve(args.hbm_reserve)
   except ValueError as e:
-    print(f"medllama-plan: {e}", file=sys.stderr)
-    return 2
-  logs.setup()
+    raise console.UsageError(str(e)) from e
   devices.prepare_backend(max([t.num_chips for t, c in zip(targets, compilers) if c == "cpu"]
                               or [1]))
-  parse_recipe(args.gin_file, [*args.gin_bindings, *gin_flags], args.gin_search_path)
+  parse_recipe(args.gin_file, [*args.gin_bindings, *bindings], args.gin_search_path)
   variants = [planner.Variant(mesh=m, remat=r, attention=a) for m, r, a in
               itertools.product(meshes, args.remat or [None], args.attention or [None])]
-  try:
-    results = plan(targets, compilers, variants)
-  except (RuntimeError, jax.errors.JaxRuntimeError) as e:
-    # Not enough simulated devices in this process, or libtpu unable to describe the slice (it
-    # serves one process at a time on a machine).
-    print(f"medllama-plan: {e}", file=sys.stderr)
-    return 1
+  results = plan(targets, compilers, variants)
   config, settings = model_config(), planner.TrainSettings.from_gin()
   print(report.describe_run(config, settings))
   print()
