@@ -7,7 +7,7 @@ resident memory should stay near the largest tensor, not the model size. This sc
      chosen size, one tensor at a time with ``SafetensorsWriter`` so that this process never holds the
      model either (names and shapes come from ``convert.hf.tensor_rules``);
   2. runs ``medllama-convert hf-to-orbax`` and then ``orbax-to-hf`` on it, each as a subprocess
-     (``python -m medllama_jax.convert.cli``), timing it and sampling the resident set size (RSS) of the
+     (``python -m medllama_jax.cli.convert``), timing it and sampling the resident set size (RSS) of the
      child and all its descendants every 50 ms with psutil (the "peak RSS" column). The kernel's own
      high-water mark, ``VmHWM`` from ``/proc/PID/status`` (summed over the processes, as last read before
      exit), is printed alongside: it catches spikes shorter than the sampling interval. The rusage
@@ -67,7 +67,7 @@ DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float
 GB = 1e9
 # What every conversion pays before touching a tensor: the interpreter, the imports, JAX's CPU client.
 BASELINE_STEP = "baseline (imports only)"
-BASELINE_CODE = ("import jax, orbax.checkpoint, medllama_jax.convert.cli, medllama_jax.checkpointing; "
+BASELINE_CODE = ("import jax, orbax.checkpoint, medllama_jax.cli.convert, medllama_jax.checkpointing; "
                  "jax.devices()")
 
 
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   largest = max(int(np.prod(r.hf_shape)) for r in tensor_rules(config)) * dtype.itemsize
   work = tempfile.mkdtemp(prefix="convert_memory_", dir=args.workdir)
   hf_dir, orbax_dir, export_dir = (os.path.join(work, n) for n in ("hf", "orbax", "hf_export"))
-  cli = [sys.executable, "-m", "medllama_jax.convert.cli"]
+  cli = [sys.executable, "-m", "medllama_jax.cli.convert"]
   shard_arg = f"{args.shard_size_mb}MB"
   try:
     print(f"working folder: {work}", flush=True)

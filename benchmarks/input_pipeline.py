@@ -55,7 +55,8 @@ import psutil
 import tensorflow as tf
 from absl import logging
 
-from medllama_jax import demo, logs
+from medllama_jax import demo
+from medllama_jax.cli import console
 from medllama_jax.config import PRESETS
 from medllama_jax.data.pipeline import make_data_iterator
 from medllama_jax.train import throughput
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--workdir", default=None, help="parent of the temporary folder")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  logs.setup()
+  console.show_project_records_on_stderr()
   if args.batches < 1 or args.warmup_batches < 0 or args.chips_per_host < 1:
     parser.error("--batches and --chips_per_host must be >= 1, --warmup_batches >= 0")
   consumers = consumers_from(args.consumer_tokens_per_s_per_chip)

@@ -88,7 +88,8 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from absl import logging  # noqa: E402
 
-from medllama_jax import logs, partitioning  # noqa: E402
+from medllama_jax import partitioning  # noqa: E402
+from medllama_jax.cli import console  # noqa: E402
 from medllama_jax.config import PRESETS, LlamaConfig, get_config  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
 from medllama_jax.train import optimizer as optim  # noqa: E402
@@ -318,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--json", dest="json_path", default=None,
                       help="also write every row (step times, tokens/s, loss) to this JSON file")
   args = parser.parse_args(argv)
-  logs.setup()
+  console.show_project_records_on_stderr()
   if args.steps < 1 or args.warmup_steps < 0:
     parser.error("--steps must be >= 1 and --warmup_steps >= 0")
 

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from medllama_jax.launch import accelerators, cli, hosts, remote, runner, tpu
+from medllama_jax.cli import tpu as cli
+from medllama_jax.launch import accelerators, hosts, remote, runner, tpu
 
 VM = tpu.TpuVm("me-llama", "us-central2-b")
 VM_P = tpu.TpuVm("me-llama", "us-east5-a", project="proj", queued=True)
@@ -369,7 +370,8 @@ def test_launch_status_stop_on_a_worker(worker):
   decoy = worker(launch("other"))
   assert decoy.returncode == 0, decoy.stderr
   pid, record = _record(worker.home, "r13")
-  assert record["argv"] == ["--gin_file=gin/pretrain_me_llama_13b.gin", *NASTY]
+  assert record["argv"] == ["--gin_file=gin/pretrain_me_llama_13b.gin", *NASTY,
+                            f"--log_dir={worker.home}/medllama-runs/r13"]
   assert record["cwd"] == str(worker.home / "medllama-jax") and record["env"]["A"] == "x y"
   assert f"started medllama-train (pid {pid})" in first.stdout
 

@@ -37,7 +37,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 LOG_DIR_ENV = "MEDLLAMA_LOG_DIR"
 
 # Records from files under these folders are the project's own; the rest is library chatter.
-_OWN_CODE = tuple(f"{os.sep}{name}{os.sep}" for name in ("medllama_jax", "seqio_tasks", "scripts"))
+_OWN_CODE = tuple(f"{os.sep}{name}{os.sep}"
+                  for name in ("medllama_jax", "seqio_tasks", "scripts", "benchmarks"))
 
 
 class UsageError(Exception):
@@ -107,6 +108,26 @@ class _ConsoleFormatter(py_logging.Formatter):
     return message
 
 
+def console_handler(stream: TextIO, debug: bool = False) -> py_logging.Handler:
+  """The project's records (every library's with ``debug``) as plain lines on ``stream``."""
+  handler = py_logging.StreamHandler(stream)
+  handler.setFormatter(_ConsoleFormatter())
+  handler.addFilter(_NotFileOnly())
+  if not debug:
+    handler.addFilter(_ProjectRecords())
+  return handler
+
+
+def show_project_records_on_stderr() -> None:
+  """For scripts that print their own results (benchmarks): the project's records on stderr, as
+  commands show them, without a log file."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  py_logging.getLogger().addHandler(console_handler(sys.stderr))
+  py_logging.getLogger().setLevel(py_logging.INFO)
+  logging.set_verbosity(logging.INFO)
+
+
 def _is_process_stderr(stream: TextIO) -> bool:
   try:
     return stream.fileno() == 2
@@ -132,16 +153,12 @@ def _logging_to(log_path: str, debug: bool) -> Iterator[TextIO]:
   root = py_logging.getLogger()
   file_handler = py_logging.StreamHandler(log_file)
   file_handler.setFormatter(logging.PythonFormatter())
-  console_handler = py_logging.StreamHandler(console)
-  console_handler.setFormatter(_ConsoleFormatter())
-  console_handler.addFilter(_NotFileOnly())
-  if not debug:
-    console_handler.addFilter(_ProjectRecords())
+  project_handler = console_handler(console, debug)
   removed = [h for h in root.handlers if isinstance(h, logging.ABSLHandler)]
   for handler in removed:
     root.removeHandler(handler)
   root.addHandler(file_handler)
-  root.addHandler(console_handler)
+  root.addHandler(project_handler)
   previous_level = root.level
   root.setLevel(py_logging.INFO)
   logging.set_verbosity(logging.INFO)
@@ -151,7 +168,7 @@ def _logging_to(log_path: str, debug: bool) -> Iterator[TextIO]:
   finally:
     py_logging.captureWarnings(False)
     root.removeHandler(file_handler)
-    root.removeHandler(console_handler)
+    root.removeHandler(project_handler)
     for handler in removed:
       root.addHandler(handler)
     root.setLevel(previous_level)

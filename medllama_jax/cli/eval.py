@@ -38,9 +38,9 @@ from medllama_jax import chat
 from medllama_jax.cli import console, gin_flags
 from medllama_jax.eval import api, paper
 from medllama_jax.eval import datasets as mibe_datasets
+from medllama_jax.eval.settings import EvalSettings
 
 PAPER_MODEL_BINDING = "medllama_jax.eval.evaluator.write_results.paper_model"
-DEFAULT_LENGTH_BUCKET = 64
 
 
 def build_parser() -> console.ArgumentParser:
@@ -55,8 +55,8 @@ def build_parser() -> console.ArgumentParser:
   parser.add_argument("--num_shots", default="0", help="comma-separated shot counts")
   parser.add_argument("--prompt_variant", choices=("release", "fixed"), default="release")
   parser.add_argument("--fewshot_seed", type=int, default=mibe_datasets.DEFAULT_FEWSHOT_SEED)
-  parser.add_argument("--max_new_tokens", type=int, default=256)
-  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--max_new_tokens", type=int, default=EvalSettings.max_new_tokens)
+  parser.add_argument("--batch_size", type=int, default=EvalSettings.batch_size)
   parser.add_argument("--stop", action="append", default=[],
                       help="cut generated text at this string (repeatable; the release uses none)")
   parser.add_argument("--no_option_scoring", action="store_true",
@@ -95,7 +95,7 @@ def build_parser() -> console.ArgumentParser:
                       help="local encoder folder for the summarisation tasks' BERTScore (the "
                            "release: bert-base-multilingual-cased, layer 9); without it n/a "
                            "(gin: register_mibe_tasks.bertscore_model_dir)")
-  parser.add_argument("--length_bucket", type=int, default=DEFAULT_LENGTH_BUCKET,
+  parser.add_argument("--length_bucket", type=int, default=EvalSettings.length_bucket,
                       help="pad prompts to a multiple of this many tokens: one compiled program "
                            "per bucket, so larger means fewer compilations and more padding")
   return parser
@@ -122,7 +122,7 @@ def _evaluate_api(settings: api.ApiSettings, args: argparse.Namespace,
   answers end the run with one line saying how to resume."""
   from medllama_jax.eval import evaluator
 
-  eval_settings = evaluator.EvalSettings(args.max_new_tokens, args.batch_size, tuple(args.stop),
+  eval_settings = EvalSettings(args.max_new_tokens, args.batch_size, tuple(args.stop),
                                          not args.no_option_scoring,
                                          chat_template=args.chat_template)
   backend = evaluator.ApiBackend(settings, os.path.join(args.out, "api_cache"))

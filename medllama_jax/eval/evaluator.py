@@ -47,26 +47,13 @@ from etils import epath
 from medllama_jax import chat, decode, loading, partitioning
 from medllama_jax.data.instruct import USER, Conversation, Turn
 from medllama_jax.eval import api, paper
+from medllama_jax.eval.settings import EvalSettings
 from seqio_tasks import mibe
 
 SPLIT = "test"
 # Metric names whose values record how a score was computed (ROUGE's bootstrap seed), not a score:
 # results.md lists them per task as integers, away from the score columns.
 SETTING_METRICS = frozenset({"bootstrap_seed"})
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-  max_new_tokens: int = 256
-  batch_size: int = 8
-  stop_sequences: tuple[str, ...] = ()
-  # Option ranking runs one forward pass per option (40 for MTSample); it can be left out.
-  score_options: bool = True
-  # Prompts are padded to a multiple of this, so that batches of similar length share a program.
-  length_bucket: int = 64
-  # A chat template (medllama_jax.chat) wraps every prompt as one user turn, as instruction tuning
-  # and ``medllama-generate --chat`` do; None gives the task's prompt as it is (base models).
-  chat_template: str | None = None
 
 
 @dataclasses.dataclass
@@ -339,6 +326,12 @@ def _split_key(key: str) -> tuple[str, str]:
   return scoring, metric
 
 
+def scores(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """The metrics that are scores, as TensorBoard scalars: computed (not None) and not a setting."""
+  return {key: float(value) for key, value in metrics.items()
+          if value is not None and _split_key(key)[1] not in SETTING_METRICS}
+
+
 def markdown_table(results: Sequence[TaskResult], paper_model: str | None = None) -> str:
   """The paper's Table 3 layout: a row per task and scoring (the ``release``/``fixed``/
   ``loglikelihood`` prefix of the metric keys), a column per metric (first-seen order); blank where
@@ -447,7 +440,7 @@ def write_results(out_dir: str, model_dir: str, results: Sequence[TaskResult],
   writer = metric_writers.create_default_writer(os.path.join(out_dir, "tensorboard"),
                                                 asynchronous=False)
   writer.write_scalars(step, {f"{r.task}/{key}": value for r in results
-                              for key, value in r.metrics.items() if value is not None})
+                              for key, value in scores(r.metrics).items()})
   writer.close()
   if write_predictions:
     (out / "predictions").mkdir(exist_ok=True)

@@ -211,8 +211,9 @@ def launch_script(run_name: str, args: Sequence[str], env: Mapping[str, str] | N
                   layout: RemoteLayout = RemoteLayout(), startup_check_s: int = 10) -> str:
   """Starts ``medllama-train args`` in the background, detached from the ssh session.
 
-  ``setsid nohup`` keeps it alive after ssh returns; stdout and stderr are appended to the run's
-  log (a relaunch after a stop resumes the same run and keeps the earlier log). The trainer
+  ``setsid nohup`` keeps it alive after ssh returns; stdout and stderr (the trainer's console:
+  stages and progress) are appended to the run's log (a relaunch after a stop resumes the same run
+  and keeps the earlier log), and the trainer's detailed log files go beside it (``--log_dir``). The trainer
   writes its own pid (``sh -c 'echo $$ ...; exec ...'``, so the pid is the trainer's whatever
   setsid does); ``stop`` signals that pid. A run that is still alive is never started twice, and a
   trainer that dies within ``startup_check_s`` seconds (bad flag, import error) fails the launch and
@@ -224,6 +225,7 @@ def launch_script(run_name: str, args: Sequence[str], env: Mapping[str, str] | N
   start = " ".join([
       "setsid nohup sh -c", shlex.quote('echo $$ > "$1"; shift; exec "$@"'), shlex.quote(TRAINER),
       pid_file, _home(layout.trainer), *(shlex.quote(a) for a in args),
+      f"--log_dir={_home(f'{layout.runs_dir}/{run_name}')}",
       f">> {log} 2>&1 < /dev/null &"])
   return "\n".join([
       _PRELUDE,
