@@ -46,14 +46,16 @@ def is_orbax_model_dir(model_dir: str) -> bool:
 
 
 def load_model(model_dir: str, mesh: Mesh, rules: partitioning.LogicalRules | None = None,
-               with_tokenizer: bool = True, adapters: str | None = None, **runtime: Any
-               ) -> LoadedModel:
+               with_tokenizer: bool = True, adapters: str | None = None,
+               verify_checksums: bool = True, **runtime: Any) -> LoadedModel:
   """Reads ``config.json``, the weights and the tokenizer of ``model_dir``.
 
   ``runtime`` overrides how the model runs (``dtype``, ``param_dtype``, ``scan_layers``,
   ``attention_impl``, ``remat_policy``); ``param_dtype`` defaults to the stored dtype. ``adapters`` (a
   LoRA adapter folder trained on this model) adds unmerged adapters: ``model`` then carries the LoRA
-  config and ``params`` both the base and the adapters.
+  config and ``params`` both the base and the adapters. Parameters (and adapters) of Orbax folders
+  are checked against their recorded checksums unless ``verify_checksums`` is False (a damaged
+  folder raises ``checkpointing.CheckpointCorrupted``).
   """
   rules = partitioning.logical_axis_rules() if rules is None else rules
   config = LlamaConfig.load_hf_json(model_dir).replace(**runtime)
@@ -62,20 +64,22 @@ def load_model(model_dir: str, mesh: Mesh, rules: partitioning.LogicalRules | No
   abstract, shardings = partitioning.unbox(boxed), partitioning.logical_shardings(boxed, mesh, rules)
   if is_orbax_model_dir(model_dir):
     params = checkpointing.load_params(os.path.join(model_dir, checkpointing.PARAMS_DIR), abstract,
-                                       shardings)
+                                       shardings, verify_checksums)
   else:
+    logging.info("%s: Hugging Face weights carry no checksums; read as stored", model_dir)
     params = _load_hf_params(model_dir, config, abstract, shardings)
   if adapters is not None:
     params = lora.join(params, checkpointing.load_params(
         os.path.join(adapters, checkpointing.PARAMS_DIR), partitioning.unbox(boxed_adapters),
-        partitioning.logical_shardings(boxed_adapters, mesh, rules)))
+        partitioning.logical_shardings(boxed_adapters, mesh, rules), verify_checksums))
   tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
   return LoadedModel(config, model, params, tokenizer, mesh, rules)
 
 
 def _write_folder(directory: str, params: Any, write_files: Callable[[str], None]) -> str:
-  """``params/`` plus what ``write_files`` puts beside it, written under ``directory.tmp`` and renamed
-  into place (replacing any earlier folder) once complete. Every host calls this together."""
+  """``params/`` (with its checksums) plus what ``write_files`` puts beside it, written under
+  ``directory.tmp`` and renamed into place (replacing any earlier folder) once complete. Every host
+  calls this together."""
   staging = directory + ".tmp"
   if jax.process_index() == 0 and epath.Path(staging).exists():
     epath.Path(staging).rmtree()
@@ -111,11 +115,12 @@ def save_adapters(directory: str, adapters: Any, config: lora.LoraConfig,
 
 
 def merge_lora(base_dir: str | None, adapters_dir: str, out_dir: str, mesh: Mesh,
-               param_dtype: str | None = None) -> str:
+               param_dtype: str | None = None, verify_checksums: bool = True) -> str:
   """Writes the model folder of ``base + scale * A @ B`` (``out_dir`` must not exist).
 
   ``base_dir`` defaults to the base model the adapters record; ``param_dtype`` (default: the base's
-  stored dtype) is the dtype the base is read in and the merged weights written in.
+  stored dtype) is the dtype the base is read in and the merged weights written in;
+  ``verify_checksums`` as for ``load_model``.
   """
   out_dir = storage.absolute(out_dir)
   if epath.Path(out_dir).exists():
@@ -124,7 +129,8 @@ def merge_lora(base_dir: str | None, adapters_dir: str, out_dir: str, mesh: Mesh
   if base_dir is None:
     raise ValueError(f"{adapters_dir}: records no base model; name one")
   runtime = {} if param_dtype is None else {"param_dtype": param_dtype}
-  loaded = load_model(base_dir, mesh, with_tokenizer=False, adapters=adapters_dir, **runtime)
+  loaded = load_model(base_dir, mesh, with_tokenizer=False, adapters=adapters_dir,
+                      verify_checksums=verify_checksums, **runtime)
   base, adapters = lora.split(loaded.params)
   merged = lora.merge_sharded(base, adapters, loaded.model.lora)
   save_model(out_dir, merged, loaded.config, base_dir)

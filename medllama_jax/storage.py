@@ -32,3 +32,12 @@ def local_copy(path: str | os.PathLike) -> str:
   target = os.path.join(tempfile.mkdtemp(prefix="medllama_"), source.name)
   source.copy(target)
   return target
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes ``path`` through a temporary file renamed into place, so a reader finds either no file
+  or the whole text, never a half-written one (a manifest that a crash cut short would read as a
+  damaged checkpoint)."""
+  staging = epath.Path(f"{os.fspath(path)}.tmp")
+  staging.write_text(text)
+  staging.replace(path)

@@ -109,6 +109,14 @@ def test_model_folder_is_staged_then_renamed_in_a_bucket(bucket: Path, monkeypat
   assert loading.is_orbax_model_dir(f"{BUCKET}/model")
 
 
+def test_parameter_checksums_written_and_read_in_a_bucket(bucket: Path):
+  """``checksums.json`` is staged and renamed into place through epath, like every small file."""
+  checksums = checkpointing.tensor_checksums({"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+  checkpointing.write_checksums(f"{BUCKET}/model/params", checksums)
+  assert [p.name for p in (bucket / "model" / "params").iterdir()] == ["checksums.json"]
+  assert checkpointing.read_checksums(f"{BUCKET}/model/params") == checksums
+
+
 def test_supervised_results_in_a_bucket(bucket: Path):
   (bucket / "before").mkdir()
   (bucket / "before" / "results.json").write_text(json.dumps(
