@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
-from medllama_jax import storage
+from medllama_jax import progress, storage
 
 PARAMS_DIR = "params"
 CHECKSUMS_FILE = "checksums.json"
@@ -709,7 +709,7 @@ def load_params(directory: str, abstract: Any, shardings: Any,
         out[p] = jax.jit(lambda x, i=layer: x[i], out_shardings=target_shardings[p])(group)
       del group
   logging.info("restored %d tensors from %s (%s layout → %s)", len(out), directory, stored_layout,
-               target_layout)
+               target_layout, extra=progress.FILE_ONLY)
   return nest(out)
 
 

@@ -1,11 +1,10 @@
 """The embedded default job: Me-LLaMA's continual pre-training cycle, end to end, small, on CPU.
 
-  python -m medllama_jax.demo --out demo_output
+  python -m medllama_jax.cli.demo --out demo_output      (what scripts/demo.sh runs)
 
 Runs in a few minutes on 8 simulated CPU devices (a data × fsdp × tensor = 2 × 2 × 2 mesh). Each step
 is announced when it starts, with what it wrote below it and the trainer's live progress; details
-go to the log files in ``OUT/logs``. A non-empty ``--out`` that no earlier demo wrote is refused
-unless ``--overwrite``. The steps:
+go to the log files in ``OUT/logs``. The steps:
   1. train a SentencePiece tokenizer (LLaMA conventions) on the text shipped in the package;
   2. prepare the shipped raw corpus samples (PubMed XML, PMC JATS, MIMIC-III/IV note CSVs, MIMIC-CXR
      reports, RedPajama jsonl; all invented text) into TFRecord shards, as ``scripts/prepare_corpus.py``
@@ -32,16 +31,14 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import glob  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from importlib import resources  # noqa: E402
 
 import gin  # noqa: E402
@@ -51,7 +48,7 @@ from absl import logging  # noqa: E402
 
 from medllama_jax import (chat, checkpointing, decode, loading, partitioning, progress,  # noqa: E402
                           tokenizer)
-from medllama_jax.cli import console, generate, gin_flags  # noqa: E402
+from medllama_jax.cli import generate, gin_flags  # noqa: E402
 from medllama_jax.config import LlamaConfig, model_config  # noqa: E402
 from medllama_jax.convert import hf  # noqa: E402
 from medllama_jax.data import records  # noqa: E402
@@ -64,8 +61,6 @@ CHAT_PROMPTS = ("What is metformin used for?",)
 KILL_AFTER_STEP = 20
 NUM_STEPS = 8
 STEP_INDENT = "      "
-# Written into --out: a folder holding it is an earlier demo's, which a rerun may replace.
-OUT_MARKER = ".medllama-demo"
 # The evaluation compiles a program per prompt length bucket, which costs more than running the
 # few examples of each sample: one device (the simulated 8-device mesh compiles slower), and
 # buckets of 256 tokens (the demo model's context is 512).
@@ -124,6 +119,7 @@ def write_init_model(out_dir: str, config: LlamaConfig, tokenizer_dir: str, mesh
 def demo_model_config() -> LlamaConfig:
   """The model that ``gin/demo/pretrain_demo.gin`` trains."""
   import seqio_tasks.pretrain  # noqa: F401  (registers the pre-training configurables with gin)
+  from medllama_jax.train import loop  # noqa: F401  (the trainer's configurables)
 
   with gin.unlock_config():
     gin_flags.parse_gin([DEMO_GIN], ["RUN_DIR = ''", "DATA_DIR = ''", "INIT_CHECKPOINT = ''"], [])
@@ -200,6 +196,7 @@ def export_and_check(model_dir: str, hf_dir: str, reimport_dir: str, mesh) -> st
     import transformers
   except ImportError:
     return f"{len(leaves)} tensors re-imported bit-identical (transformers not installed)"
+  transformers.utils.logging.disable_progress_bar()
   ids = ours.tokenizer.encode(DEMO_PROMPTS[0])
   with torch.no_grad():
     theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)(
@@ -209,21 +206,6 @@ def export_and_check(model_dir: str, hf_dir: str, reimport_dir: str, mesh) -> st
   diff = float(np.max(np.abs(np.asarray(logits[0]) - theirs)))
   return (f"{len(leaves)} tensors re-imported bit-identical; transformers loads it, "
           f"max |logit difference| {diff:.2e}")
-
-
-def prepare_out_dir(out: str, overwrite: bool) -> None:
-  """Makes ``out`` the demo's folder: new, empty, or an earlier demo's (replaced). Any other
-  non-empty folder is refused unless ``overwrite``: the demo never deletes what it did not write."""
-  if os.path.isdir(out) and os.listdir(out):
-    if not (overwrite or os.path.exists(os.path.join(out, OUT_MARKER))):
-      raise console.UsageError(f"--out {out}: the folder is not empty and no earlier demo wrote "
-                               "it; name a new folder, or add --overwrite to replace its contents")
-    shutil.rmtree(out)
-  elif os.path.exists(out) and not os.path.isdir(out):
-    raise console.UsageError(f"--out {out}: exists and is not a folder")
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, OUT_MARKER), "w") as marker:
-    marker.write("written by python -m medllama_jax.demo; rerunning the demo replaces this folder\n")
 
 
 @contextlib.contextmanager
@@ -241,8 +223,10 @@ def result(text: str) -> None:
   logging.info("%s%s", STEP_INDENT, text)
 
 
-def run_demo(args: argparse.Namespace, out: str, log_dir: str) -> int:
-  """The eight steps of the module docstring, into ``out``; child commands log into ``log_dir``."""
+def run_demo(out: str, log_dir: str, max_new_tokens: int, eval_max_new_tokens: int) -> int:
+  """The eight steps of the module docstring, into ``out``; child commands log into ``log_dir``.
+  ``max_new_tokens``: per generation (step 7); ``eval_max_new_tokens``: per evaluation answer
+  (step 8)."""
   started = time.perf_counter()
   config = demo_model_config()
   mesh = partitioning.make_mesh(2, 2, 2)
@@ -255,11 +239,8 @@ def run_demo(args: argparse.Namespace, out: str, log_dir: str) -> int:
 
   with demo_step(2, "preparing the shipped PubMed, PMC, MIMIC and RedPajama samples"):
     data_dir = os.path.join(out, "data")
-    summaries = prepare_corpora(data_dir)
-    for corpus, summary in summaries.items():
-      written = summary["records_written"]
-      result(f"{corpus}: {written.get('train', 0)} train + {written.get('validation', 0)} "
-             "validation records")
+    prepare_corpora(data_dir)
+    result(data_dir)
 
   with demo_step(3, f"writing the starting model ({config.num_params():,} random parameters)"):
     init_dir = write_init_model(os.path.join(out, "init_model"), config, tok_dir, mesh)
@@ -286,7 +267,7 @@ def run_demo(args: argparse.Namespace, out: str, log_dir: str) -> int:
     result(hf_dir)
 
   with demo_step(7, "greedy generation with the KV cache"):
-    sampling = decode.SamplingConfig(max_new_tokens=args.max_new_tokens)
+    sampling = decode.SamplingConfig(max_new_tokens=max_new_tokens)
     for model_dir, prompts, template in ((pretrained_dir, DEMO_PROMPTS, None),
                                          (chat_dir, CHAT_PROMPTS, chat.DEFAULT_TEMPLATE)):
       loaded = loading.load_model(model_dir, mesh)
@@ -300,7 +281,7 @@ def run_demo(args: argparse.Namespace, out: str, log_dir: str) -> int:
   eval_dir = os.path.join(out, "eval")
   with demo_step(8, f"medllama-eval of the tuned model on the MIBE and MMLU samples (chat "
                     f"template {chat.DEFAULT_TEMPLATE!r})"):
-    evaluate_on_mibe_samples(chat_dir, eval_dir, chat.DEFAULT_TEMPLATE, args.eval_max_new_tokens)
+    evaluate_on_mibe_samples(chat_dir, eval_dir, chat.DEFAULT_TEMPLATE, eval_max_new_tokens)
     result(os.path.join(eval_dir, "results.md"))
 
   logging.info("demo finished in %s. Try:\n"
@@ -309,25 +290,3 @@ def run_demo(args: argparse.Namespace, out: str, log_dir: str) -> int:
                progress.format_duration(time.perf_counter() - started), chat_dir,
                os.path.join(run_dir, "tensorboard"))
   return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = console.make_parser("medllama-demo", __doc__)
-  parser.add_argument("--out", default="demo_output", help="folder for everything the demo writes")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace --out even when it is a non-empty folder no demo wrote")
-  parser.add_argument("--max_new_tokens", type=int, default=24, help="per generation (step 7)")
-  parser.add_argument("--eval_max_new_tokens", type=int, default=8,
-                      help="per evaluation answer (step 8)")
-  args = parser.parse_args(argv)
-  out = os.path.abspath(args.out)
-  try:
-    prepare_out_dir(out, args.overwrite)
-  except console.UsageError as e:
-    parser.error(str(e))
-  log_dir = args.log_dir = args.log_dir or os.path.join(out, "logs")
-  return console.run(parser.prog, args, lambda: run_demo(args, out, log_dir), show_log_path=True)
-
-
-if __name__ == "__main__":
-  sys.exit(main())

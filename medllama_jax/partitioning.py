@@ -84,6 +84,18 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
   return sizes
 
 
+_REPLICATED: set[tuple[int, tuple, tuple]] = set()
+
+
+def _note_replicated(dim: int, logical_axes: tuple, names: tuple) -> None:
+  """Logs (once per case, in the log file) a dimension left whole because the mesh does not divide
+  it: correct, and worth knowing when reading a profile (e.g. a decode batch of 2 on fsdp 4)."""
+  if (dim, logical_axes, names) not in _REPLICATED:
+    _REPLICATED.add((dim, logical_axes, names))
+    logging.info("dimension %d (%s) is not divisible by mesh axes %s; replicating it", dim,
+                 logical_axes, names, extra=progress.FILE_ONLY)
+
+
 @gin.configurable
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -144,8 +156,7 @@ def spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mes
     if any(n in used for n in names):
       names = ()
     if names and dim % mesh_axes_size(mesh, names):
-      logging.log_first_n(logging.WARNING, "dimension %d (%s) is not divisible by mesh axes %s; "
-                          "replicating it", 8, dim, logical_axes, names)
+      _note_replicated(dim, tuple(logical_axes), names)
       names = ()
     used.update(names)
     fixed.append(None if not names else (names[0] if len(names) == 1 else names))

@@ -52,15 +52,18 @@ class Bar:
   """Progress of countable work (tensors, shards) as one console line.
 
   On a terminal the line is redrawn in place; elsewhere (a log file, CI) a line is logged at each
-  tenth of the work, so a conversion of hundreds of tensors prints at most ten lines. The last state
-  is always logged.
+  tenth of the work at most every ``LOG_INTERVAL_S`` seconds, so a conversion of hundreds of tensors
+  prints at most ten lines and a quick one only its end. The last state is always logged.
   """
+
+  LOG_INTERVAL_S = 10.0
 
   def __init__(self, description: str, total: int, unit: str):
     self._description, self._total, self._unit = description, max(total, 1), unit
     self._done = 0
     self._started = time.perf_counter()
     self._logged_tenths = 0
+    self._logged_at = self._started
     self._terminal = _is_terminal(sys.stderr)
 
   def update(self, count: int = 1) -> None:
@@ -73,8 +76,9 @@ class Bar:
         logging.info("%s", self._line(), extra=FILE_ONLY)
       return
     tenths = self._done * 10 // self._total
-    if tenths > self._logged_tenths or finished:
-      self._logged_tenths = tenths
+    now = time.perf_counter()
+    if finished or (tenths > self._logged_tenths and now - self._logged_at >= self.LOG_INTERVAL_S):
+      self._logged_tenths, self._logged_at = tenths, now
       logging.info("%s", self._line())
 
   def _line(self) -> str:

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q -e ".[hf]"
-.venv/bin/python -m medllama_jax.demo --out demo_output "$@"
+echo "installed ($(( SECONDS / 60 ))m$(( SECONDS % 60 ))s); running the demo"
+.venv/bin/python -m medllama_jax.cli.demo --out demo_output "$@"

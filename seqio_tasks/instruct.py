@@ -57,7 +57,7 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
-from medllama_jax import chat
+from medllama_jax import chat, progress
 from medllama_jax.data import instruct, records
 from medllama_jax.data.vocab import llama_vocabulary
 
@@ -131,7 +131,7 @@ def _load_split(split: str, shuffle_files: bool, seed: int | None = None, *, pat
     ids.append(key)
     pieces_of.append(pieces)
   logging.info("%s (%s): %d conversations, %d records skipped %s", path, split, len(ids),
-               rejections.total, dict(rejections.counts))
+               rejections.total, dict(rejections.counts), extra=progress.FILE_ONLY)
   if not ids:
     raise ValueError(f"{path} has no usable records in split {split!r} (validation_fraction="
                      f"{validation_fraction}; skipped: {dict(rejections.counts)})")
@@ -173,9 +173,11 @@ def _note_truncation(task: str, length: int, example_id: bytes, code: np.int32,
   TRUNCATIONS[task, kind] += 1
   count = TRUNCATIONS[task, kind]
   if count <= LOGGED_TRUNCATIONS or count % 1000 == 0:
+    # The first of each kind on the console too; the count goes on in the log file.
     log = logging.warning if kind == "answer_cut" else logging.info
     log("%s: example %s has %d tokens > %d: %s (%d %s in this process)", task,
-        example_id.decode("utf-8", "replace"), num_tokens, length, kind, count, kind)
+        example_id.decode("utf-8", "replace"), num_tokens, length, kind, count, kind,
+        **({} if count == 1 else {"extra": progress.FILE_ONLY}))
   return code
 
 
@@ -324,7 +326,7 @@ def register_instruct_mixture(data_dir: str = gin.REQUIRED, vocabulary_path: str
     tasks.append((name, rate))
   seqio.MixtureRegistry.add(mixture_name, tasks)
   logging.info("mixture %s (template %s): %s", mixture_name, template,
-               ", ".join(f"{n} {r:g}" for n, r in tasks))
+               ", ".join(f"{n} {r:g}" for n, r in tasks), extra=progress.FILE_ONLY)
   return mixture_name
 
 

@@ -33,6 +33,7 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
+from medllama_jax import progress
 from medllama_jax.data import preprocessors
 from medllama_jax.data.vocab import llama_vocabulary
 
@@ -158,5 +159,6 @@ def register_pretrain_mixture(data_dir: str = gin.REQUIRED, vocabulary_path: str
                               f"(task_rates={{'{corpus}': 0}})") from e
     tasks.append((name, rate))
   seqio.MixtureRegistry.add(mixture_name, tasks)
-  logging.info("mixture %s: %s", mixture_name, ", ".join(f"{n} {r:g}" for n, r in tasks))
+  logging.info("mixture %s: %s", mixture_name, ", ".join(f"{n} {r:g}" for n, r in tasks),
+               extra=progress.FILE_ONLY)
   return mixture_name

@@ -39,7 +39,7 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
-from medllama_jax import chat
+from medllama_jax import chat, progress
 from medllama_jax.data import records
 from medllama_jax.data.instruct import ASSISTANT, USER, Conversation, Turn
 from medllama_jax.data.vocab import llama_vocabulary
@@ -183,7 +183,7 @@ def register_supervised_mixture(data_dir: str = gin.REQUIRED, vocabulary_path: s
   tasks = [(names[d], rate) for d, rate in dataset_rates(datasets, counts, rates).items() if rate]
   seqio.MixtureRegistry.add(mixture_name, tasks)
   logging.info("mixture %s (template %s, %s prompts): %s", mixture_name, template, prompt_variant,
-               ", ".join(f"{n} {r:g}" for n, r in tasks))
+               ", ".join(f"{n} {r:g}" for n, r in tasks), extra=progress.FILE_ONLY)
   return mixture_name
 
 

@@ -372,3 +372,20 @@ def test_full_disk_is_reported_at_the_next_step_in_one_line(tmp_path):
   state = {"w": jnp.asarray(np.random.RandomState(0).randn(128, 256), jnp.float32)}
   restored, _ = ckpts.restore(2, abstract(state), Position())
   assert same_tree(restored, state)
+
+
+def test_commands_refuse_a_corrupted_folder_in_one_line_unless_told_to_skip(model_dir, tmp_path,
+                                                                             capsys):
+  from medllama_jax.cli import convert
+
+  params_dir = os.path.join(model_dir, checkpointing.PARAMS_DIR)
+  stored = checkpointing.params_metadata(params_dir)
+  original = checkpointing.read_tensors(params_dir, stored, stored)
+  flip_decodable(model_dir, lambda: not same_tree(
+      checkpointing.read_tensors(params_dir, stored, stored, verify_checksums=False), original))
+  export = ["orbax-to-hf", "--ckpt", model_dir, "--out"]
+  assert convert.main([*export, str(tmp_path / "refused")]) == 1
+  [line] = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith("medllama-convert: error: ") and "is corrupted" in line
+  assert not (tmp_path / "refused").exists()
+  assert convert.main([*export, str(tmp_path / "exported"), "--skip_checksums"]) == 0

@@ -7,6 +7,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -23,10 +27,38 @@ PROMPTS = ["The patient presented with", "Aspirin"]
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
+def demo_run(tmp_path_factory) -> tuple[pathlib.Path, str]:
+  """The demo run as a user runs it; its folder and what its console showed."""
   out = tmp_path_factory.mktemp("demo") / "out"
-  assert demo.main(["--out", str(out), "--max_new_tokens", "4"]) == 0
-  return out
+  result = subprocess.run([sys.executable, "-m", "medllama_jax.cli.demo", "--out", str(out),
+                           "--max_new_tokens", "4"], capture_output=True, text=True, timeout=1800,
+                          env={k: v for k, v in os.environ.items() if k != "MEDLLAMA_LOG_DIR"})
+  assert result.returncode == 0, result.stderr[-5000:]
+  return out, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_dir(demo_run) -> pathlib.Path:
+  return demo_run[0]
+
+
+def test_demo_console_is_for_a_person(demo_run):
+  """Each step announced when it starts, the trainer's live progress, no library noise, no line
+  too long to read; the details are in the log files under OUT/logs."""
+  out, console_text = demo_run
+  lines = console_text.splitlines()
+  starts = [next(i for i, line in enumerate(lines) if line.startswith(f"[{n}/8] "))
+            for n in range(1, 9)]
+  assert starts == sorted(starts)
+  progress = [line for line in lines if re.search(r"step \d+/60 .* loss .* tok/s.*ETA", line)]
+  assert len(progress) >= 6  # log_every 10 over 60 steps, the killed run's and the resumed run's
+  assert any("resuming at step" in line for line in lines)
+  assert not [line for line in lines if re.match(r"^[IWEF]\d{4} |.*absl::InitializeLog", line)]
+  assert max(len(line) for line in lines) <= 240
+  assert len(lines) <= 120
+  logs = os.listdir(out / "logs")
+  assert any(name.startswith("medllama-demo.") for name in logs)
+  assert sum(name.startswith("medllama-train.") for name in logs) == 3  # killed, resumed, tuning
 
 
 def test_demo_trains_resumes_exports_and_reimports(demo_dir):
@@ -36,8 +68,6 @@ def test_demo_trains_resumes_exports_and_reimports(demo_dir):
               "run/final_model/config.json", "run/final_model/tokenizer.model",
               "hf_export/config.json", "hf_export/model.safetensors.index.json", "reimported/params"):
     assert (demo_dir / sub).exists(), sub
-  log = (demo_dir / "train.log").read_text()
-  assert "resuming at step" in log
   losses = [json.loads(line) for line in (demo_dir / "run" / "metrics.jsonl").read_text().splitlines()]
   train = {r["step"]: r["loss"] for r in losses if r["split"] == "train"}
   assert max(train) == 60 and train[60] < train[10] - 1.0  # it learned

@@ -12,10 +12,11 @@ import sys
 
 import pytest
 
-from medllama_jax import demo, progress
-from medllama_jax.cli import console
+from medllama_jax import progress
+from medllama_jax.cli import console, demo
 
-COMMANDS = ("train", "supervised", "eval", "generate", "convert", "contamination", "plan", "tpu")
+COMMANDS = ("train", "supervised", "eval", "generate", "convert", "contamination", "plan", "tpu",
+            "demo")
 HEAVY_MODULES = ("jax", "tensorflow", "seqio", "torch", "flax", "orbax")
 
 
@@ -110,14 +111,23 @@ def test_console_keeps_library_noise_in_the_log(tmp_path):
   assert "tensors" in open(tmp_path / "logs" / log_file).read()
 
 
-def test_progress_bar_logs_at_most_a_line_per_tenth(caplog):
+def test_progress_bar_logs_at_most_a_line_per_tenth(caplog, monkeypatch):
   caplog.set_level("INFO")
+  clock = iter(range(0, 10_000, 11))  # 11 s per tensor: every tenth is due
+  monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
   bar = progress.Bar("reading", 291, "tensors")
   for _ in range(291):
     bar.update()
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reading")]
   assert len(lines) == 10
   assert lines[-1].startswith("reading: [" + "#" * 30 + "] 291/291 tensors 100%")
+  # Work done within LOG_INTERVAL_S logs its end only.
+  caplog.clear()
+  monkeypatch.setattr(progress.time, "perf_counter", lambda: 0.0)
+  quick = progress.Bar("quick", 39, "tensors")
+  for _ in range(39):
+    quick.update()
+  assert [r.getMessage()[:6] for r in caplog.records] == ["quick:"]
 
 
 def test_stage_names_what_an_error_interrupted():

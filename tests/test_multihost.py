@@ -12,6 +12,7 @@ measured: about 1e-7). The step-2 checkpoint of the two processes then resumes i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -76,6 +77,12 @@ def launch(ws, run_dir: str, processes: int, devices_per_process: int, extra_fla
   return started
 
 
+def with_log_file(console_text: str) -> str:
+  """A process's console, then the log file it names (where the details go)."""
+  named = re.search(r"log file (\S+)", console_text)
+  return console_text + (open(named.group(1)).read() if named else "")
+
+
 def wait(runs: dict[str, list[subprocess.Popen]]) -> dict[str, list[str]]:
   """Every process's log by run directory, once all exited 0 (after a failure the rest are stopped)."""
   processes = [p for started in runs.values() for p in started]
@@ -86,7 +93,8 @@ def wait(runs: dict[str, list[subprocess.Popen]]) -> dict[str, list[str]]:
       if p.poll() is None:
         p.kill()
         p.wait()
-  logs = {run_dir: [open(f"{run_dir}.process_{i}.log").read() for i in range(len(started))]
+  logs = {run_dir: [with_log_file(open(f"{run_dir}.process_{i}.log").read())
+                    for i in range(len(started))]
           for run_dir, started in runs.items()}
   assert codes == [0] * len(processes), "\n\n".join(
       log[-3000:] for run_logs in logs.values() for log in run_logs)

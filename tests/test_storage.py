@@ -72,7 +72,7 @@ def test_model_folder_files_in_a_bucket(bucket: Path):
   config.save_hf_json(f"{BUCKET}/model")
   assert json.loads((bucket / "model" / "config.json").read_text()) == config.to_hf_dict()
   assert type(config).load_hf_json(f"{BUCKET}/model").to_hf_dict() == config.to_hf_dict()
-  with pytest.raises(FileNotFoundError, match=f"{BUCKET}/elsewhere/config.json"):
+  with pytest.raises(FileNotFoundError, match=f"{BUCKET}/elsewhere: model folder not found"):
     type(config).load_hf_json(f"{BUCKET}/elsewhere")
 
   adapters = lora.LoraConfig(rank=4, alpha=8.0)

@@ -70,6 +70,13 @@ def make_parser(prog: str, description: str | None) -> ArgumentParser:
   return parser
 
 
+def add_skip_checksums_flag(parser: argparse.ArgumentParser) -> None:
+  """``--skip_checksums``, for commands that read model folders."""
+  parser.add_argument("--skip_checksums", action="store_true",
+                      help="do not check the parameters against the checksums recorded with them "
+                           "(faster loading; corrupted files then go unnoticed)")
+
+
 def default_log_dir() -> str:
   return os.environ.get(LOG_DIR_ENV) or os.path.join(tempfile.gettempdir(), "medllama-jax-logs")
 

@@ -42,10 +42,12 @@ def build_parser() -> console.ArgumentParser:
   to_hf = commands.add_parser("orbax-to-hf", help="model folder → HF folder for transformers")
   to_hf.add_argument("--ckpt", required=True)
   to_hf.add_argument("--max_shard_size", type=parse_size, default=parse_size("5GB"))
+  console.add_skip_checksums_flag(to_hf)
   merge = commands.add_parser("merge-lora", help="base model folder + LoRA adapters → model folder")
   merge.add_argument("--adapters", required=True, help="adapter folder (e.g. RUN_DIR/adapters)")
   merge.add_argument("--base", default=None,
                      help="base model folder (default: the one recorded in the adapter folder)")
+  console.add_skip_checksums_flag(merge)
   for command in (to_orbax, from_meta, to_hf, merge):
     command.add_argument("--out", required=True, help="new output folder (must not exist)")
     command.add_argument("--dtype", choices=_DTYPES, default="auto",
@@ -62,10 +64,12 @@ def _convert(args: argparse.Namespace) -> int:
   elif args.command == "meta-to-orbax":
     meta.meta_to_orbax(args.meta_dir, args.out, args.dtype, args.tokenizer_dir)
   elif args.command == "orbax-to-hf":
-    hf.orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
+    hf.orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size,
+                   verify_checksums=not args.skip_checksums)
   else:
     loading.merge_lora(args.base, args.adapters, args.out, partitioning.make_mesh(),
-                       None if args.dtype == "auto" else args.dtype)
+                       None if args.dtype == "auto" else args.dtype,
+                       verify_checksums=not args.skip_checksums)
   print(f"medllama-convert: wrote {args.out}")
   return 0
 

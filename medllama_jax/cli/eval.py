@@ -68,6 +68,7 @@ def build_parser() -> console.ArgumentParser:
   parser.add_argument("--chat_template", choices=sorted(chat.TEMPLATES), default=None,
                       help="wrap prompts in this chat template (instruction-tuned models)")
   parser.add_argument("--adapters", default=None, help="LoRA adapter folder, run unmerged")
+  console.add_skip_checksums_flag(parser)
   served = parser.add_argument_group("a model behind an OpenAI-compatible endpoint, instead of "
                                      "--model")
   served.add_argument("--api_base_url",
@@ -197,7 +198,8 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace,
                      score_options=not args.no_option_scoring,
                      write_predictions=args.write_predictions, mesh=args.mesh, dtype=args.dtype,
                      chat_template=args.chat_template, adapters=args.adapters,
-                     length_bucket=args.length_bucket)
+                     length_bucket=args.length_bucket,
+                     verify_checksums=not args.skip_checksums)
   return 0
 
 

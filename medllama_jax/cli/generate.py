@@ -38,6 +38,7 @@ def build_parser() -> console.ArgumentParser:
   parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
                       help="mesh axis sizes, e.g. 2,2,2 or data=2,fsdp=2,tensor=2 (-1 = the rest)")
   parser.add_argument("--attention", choices=("xla", "dot_product", "cudnn", "splash"), default="xla")
+  console.add_skip_checksums_flag(parser)
   parser.add_argument("--json", action="store_true",
                       help="print one JSON object per prompt: prompt, text, token_ids (generated)")
   parser.add_argument("--chat", action="store_true",
@@ -61,7 +62,8 @@ def _generate(args) -> int:
   partitioning.initialize_distributed()
   mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(args.mesh))
   loaded = loading.load_model(args.model, mesh, dtype=args.dtype, param_dtype=args.dtype,
-                              attention_impl=args.attention)
+                              attention_impl=args.attention,
+                              verify_checksums=not args.skip_checksums)
   tok = loaded.tokenizer
   template = args.chat_template if args.chat else None
   prompts = [encode_prompt(tok, p, template) for p in args.prompt]

@@ -35,8 +35,6 @@ def _train(args, gin_flags_: Sequence[str]) -> int:
   if result.stopped_by_signal:
     print(f"stopped at step {result.step} by a termination signal, after saving it: rerun the "
           "same command to resume")
-  if result.final_model_dir:
-    print(f"final model folder: {result.final_model_dir}")
   return 0
 
 

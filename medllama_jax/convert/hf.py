@@ -210,11 +210,12 @@ def _shard_plan(entries: list[tuple[str, np.dtype, tuple[int, ...]]],
 
 
 def orbax_to_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
-                max_shard_bytes: int = 5 * 1024**3) -> str:
+                max_shard_bytes: int = 5 * 1024**3, verify_checksums: bool = True) -> str:
   """Exports a model folder to a HF folder that ``transformers`` loads unchanged.
 
   Tensors are read one at a time from a per-layer checkpoint (one parameter group at a time from a
-  stacked, scan-layout one) and streamed into safetensors shards with their index.
+  stacked, scan-layout one), checked against their recorded checksums unless ``verify_checksums``
+  is False, and streamed into safetensors shards with their index.
   """
   config = LlamaConfig.load_hf_json(ckpt_dir)
   params_dir = os.path.join(ckpt_dir, checkpointing.PARAMS_DIR)
@@ -249,7 +250,8 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
     path = stored_path(rule)
     if path not in cached:
       cached.clear()
-      cached.update(checkpointing.read_tensors(params_dir, [path], stored))
+      cached.update(checkpointing.read_tensors(params_dir, [path], stored,
+                                               verify_checksums=verify_checksums))
     array = cached[path]
     if path != rule.path:
       array = array[int(rule.path[0].split("_")[1])]

@@ -30,7 +30,7 @@ import tensorflow as tf
 from absl import logging
 from jax.sharding import Mesh
 
-from medllama_jax import partitioning
+from medllama_jax import partitioning, progress
 from medllama_jax.data.feature_converter import LlamaFeatureConverter
 
 
@@ -140,7 +140,7 @@ def make_data_iterator(mixture_or_task_name: str, sequence_length: int, global_b
       for shard in shards]
   logging.info("data: %s split %s, shards %d-%d of %d, %d rows of %d tokens per shard and batch, "
                "seed %d", mixture_or_task_name, split, shards[0], shards[-1], num_shards,
-               rows_per_shard, sequence_length, seed)
+               rows_per_shard, sequence_length, seed, extra=progress.FILE_ONLY)
   return DataIterator(datasets, shards, num_shards)
 
 

@@ -44,7 +44,7 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from medllama_jax import chat, decode, loading, partitioning
+from medllama_jax import chat, decode, loading, partitioning, progress
 from medllama_jax.data.instruct import USER, Conversation, Turn
 from medllama_jax.eval import api, paper
 from medllama_jax.eval.settings import EvalSettings
@@ -54,6 +54,8 @@ SPLIT = "test"
 # Metric names whose values record how a score was computed (ROUGE's bootstrap seed), not a score:
 # results.md lists them per task as integers, away from the score columns.
 SETTING_METRICS = frozenset({"bootstrap_seed"})
+# Scores on a task's console line.
+_HEADLINE_SCORES = 4
 
 
 @dataclasses.dataclass
@@ -98,15 +100,14 @@ def _generate(loaded: loading.LoadedModel, prompts: Sequence[list[int]], setting
   order = _longest_first([len(p) for p in prompts])
   sampling = decode.SamplingConfig(max_new_tokens=settings.max_new_tokens)
   outputs: list[list[int]] = [[] for _ in prompts]
-  done = 0
+  bar = progress.Bar(f"{task}: generating", len(prompts), "answers")
   for batch, real in _batches(order, settings.batch_size):
     generated = decode.generate(loaded.model, loaded.params, [prompts[i] for i in batch], sampling,
                                 eos_ids=eos_ids, mesh=loaded.mesh, rules=loaded.rules,
                                 bucket=settings.length_bucket)
     for i, ids in zip(batch[:real], generated):
       outputs[i] = ids
-    done += real
-    logging.info("%s: generated %d/%d", task, done, len(prompts))
+    bar.update(real)
   return outputs
 
 
@@ -124,7 +125,7 @@ def _score_options(loaded: loading.LoadedModel, prompts: Sequence[list[int]],
                            mesh=loaded.mesh, rules=loaded.rules, bucket=settings.length_bucket)
     for i, (loglikelihood, _) in zip(batch[:real], results):
       scores[i] = loglikelihood
-  logging.info("%s: scored %d options", task, len(pairs))
+  logging.info("%s: scored %d options", task, len(pairs), extra=progress.FILE_ONLY)
   bounds = np.cumsum([0, *(len(o) for o in options)])
   return [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -286,8 +287,7 @@ def run_task(model: loading.LoadedModel | GenerationBackend, name: str,
     else:
       logging.warning("%s: loglikelihood/* not computed: %s", name, NO_OPTION_SCORES)
       details["not_computed"] = {"loglikelihood/*": NO_OPTION_SCORES}
-  logging.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                         if isinstance(v, float)))
+  logging.info("%s: %s", name, _headline(metrics))
   return TaskResult(name, metrics, records, generations.truncated_prompts, details)
 
 
@@ -326,7 +326,14 @@ def _split_key(key: str) -> tuple[str, str]:
   return scoring, metric
 
 
-def scores(metrics: Mapping[str, Any]) -> dict[str, float]:
+def _headline(metrics: Mapping[str, Any]) -> str:
+  """The first few scores of a task, for its console line (all of them are in results.md)."""
+  shown = [f"{key} {value:.4f}" for key, value in score_scalars(metrics).items()]
+  more = len(shown) - _HEADLINE_SCORES
+  return ", ".join(shown[:_HEADLINE_SCORES]) + (f", … {more} more in results.md" if more > 0 else "")
+
+
+def score_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
   """The metrics that are scores, as TensorBoard scalars: computed (not None) and not a setting."""
   return {key: float(value) for key, value in metrics.items()
           if value is not None and _split_key(key)[1] not in SETTING_METRICS}
@@ -440,7 +447,7 @@ def write_results(out_dir: str, model_dir: str, results: Sequence[TaskResult],
   writer = metric_writers.create_default_writer(os.path.join(out_dir, "tensorboard"),
                                                 asynchronous=False)
   writer.write_scalars(step, {f"{r.task}/{key}": value for r in results
-                              for key, value in scores(r.metrics).items()})
+                              for key, value in score_scalars(r.metrics).items()})
   writer.close()
   if write_predictions:
     (out / "predictions").mkdir(exist_ok=True)
@@ -469,18 +476,19 @@ def evaluate(model_dir: str = gin.REQUIRED, task_names: Sequence[str] = gin.REQU
              stop_sequences: Sequence[str] = (), score_options: bool = True,
              write_predictions: bool = False, mesh: str = "data=1,fsdp=-1,tensor=1",
              dtype: str = "float32", step: int = 0, chat_template: str | None = None,
-             adapters: str | None = None,
-             length_bucket: int = EvalSettings.length_bucket) -> dict[str, dict[str, Any]]:
+             adapters: str | None = None, length_bucket: int = EvalSettings.length_bucket,
+             verify_checksums: bool = True) -> dict[str, dict[str, Any]]:
   """Evaluates the model folder ``model_dir`` (Orbax or HF) on registered Tasks; returns task →
   metrics. ``mesh``: axis sizes as ``medllama-generate --mesh`` takes them; ``step``: the
   TensorBoard step the scalars are written at (e.g. the checkpoint's training step);
   ``chat_template``: prompt instruction-tuned models as they were trained; ``adapters``: a LoRA
   adapter folder run unmerged on top of ``model_dir``; ``length_bucket``: prompts are padded to a
-  multiple of it (one compiled program per bucket: larger means fewer compilations, more padding).
+  multiple of it (one compiled program per bucket: larger means fewer compilations, more padding);
+  ``verify_checksums=False`` skips the check of the parameters against their recorded checksums.
   """
   settings = EvalSettings(max_new_tokens, batch_size, tuple(stop_sequences), score_options,
                           length_bucket, chat_template)
   device_mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh))
   loaded = loading.load_model(model_dir, device_mesh, dtype=dtype, param_dtype=dtype,
-                              adapters=adapters)
+                              adapters=adapters, verify_checksums=verify_checksums)
   return evaluate_model(loaded, task_names, out_dir, settings, model_dir, write_predictions, step)

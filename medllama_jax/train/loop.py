@@ -110,14 +110,16 @@ def _export_config(config: LlamaConfig, init_checkpoint: str | None) -> LlamaCon
       **{name: getattr(config, name) for name in RUNTIME_FIELDS})
 
 
-def _initial_params(model: Llama, init_checkpoint: str | None, mesh, rules, seed: int) -> Any:
+def _initial_params(model: Llama, init_checkpoint: str | None, mesh, rules, seed: int,
+                    verify_checksums: bool) -> Any:
   """Parameters of ``init_checkpoint`` (its architecture must equal the configured one), or random."""
   cfg = model.config
   if init_checkpoint is None:
     logging.info("no init_checkpoint: random parameters (seed %d)", seed)
     return partitioning.init_params(model, mesh, rules, jax.random.key(seed))
   runtime = {name: getattr(cfg, name) for name in RUNTIME_FIELDS}
-  loaded = loading.load_model(init_checkpoint, mesh, rules, with_tokenizer=False, **runtime)
+  loaded = loading.load_model(init_checkpoint, mesh, rules, with_tokenizer=False,
+                              verify_checksums=verify_checksums, **runtime)
   mismatched = [n for n in ARCHITECTURE_FIELDS if getattr(loaded.config, n) != getattr(cfg, n)]
   if mismatched:
     details = ", ".join(f"{n}: checkpoint {getattr(loaded.config, n)!r} vs configured "
@@ -307,6 +309,7 @@ class _Run:
   data: pipeline.DataIterator
   ckpts: checkpoints.RunCheckpoints
   frozen: Any | None
+  verify_checksums: bool
 
 
 # A periodic evaluation: ``(step, trained params) -> None``, writing its own results and scalars.
@@ -315,7 +318,8 @@ Evaluation = Callable[[int, Any], None]
 
 def _setup(run_dir: str, mixture: str, sequence_length: int, global_batch_size: int,
            total_steps: int, seed: int, init_checkpoint: str | None, lora: LoraConfig | None,
-           save_every: int, keep_checkpoints: int, async_checkpoints: bool) -> _Run:
+           save_every: int, keep_checkpoints: int, async_checkpoints: bool,
+           verify_checksums: bool) -> _Run:
   epath.Path(run_dir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     epath.Path(run_dir, "config.gin").write_text(gin.config_str())
@@ -329,10 +333,10 @@ def _setup(run_dir: str, mixture: str, sequence_length: int, global_batch_size: 
                                      keep_checkpoints, async_checkpoints)
   # The frozen LoRA base is never part of a run checkpoint: every start reads it again.
   frozen = None if lora is None else _initial_params(Llama(config), init_checkpoint, mesh, rules,
-                                                      seed)
+                                                      seed, verify_checksums)
   return _Run(run_dir, mesh, rules, config, _export_config(config, init_checkpoint), model, tx,
               schedule, train_step.train_state_shardings(model, tx, mesh, rules), data, ckpts,
-              frozen)
+              frozen, verify_checksums)
 
 
 def _start(run: _Run, init_checkpoint: str | None, seed: int) -> tuple[train_step.TrainState, int]:
@@ -344,11 +348,13 @@ def _start(run: _Run, init_checkpoint: str | None, seed: int) -> tuple[train_ste
       abstract_state = partitioning.placed(
           partitioning.unbox(train_step.abstract_train_state(run.model, run.tx)),
           run.state_shardings)
-      state, meta = run.ckpts.restore(latest, abstract_state, run.data)
+      state, meta = run.ckpts.restore(latest, abstract_state, run.data,
+                                      verify_checksums=run.verify_checksums)
     return state, int(meta.get("skipped_steps", 0))
   with progress.stage("initialising the train state"):
     if run.frozen is None:
-      params = _initial_params(run.model, init_checkpoint, run.mesh, run.rules, seed)
+      params = _initial_params(run.model, init_checkpoint, run.mesh, run.rules, seed,
+                               run.verify_checksums)
     else:
       params = lora_lib.init_adapters(run.model, run.mesh, run.rules, jax.random.key(seed))
     return train_step.init_train_state(params, run.tx, run.state_shardings), 0
@@ -460,8 +466,8 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
           log_every: int = 10, eval_every: int = 0, eval_batches: int = 10,
           eval_split: str = "validation", on_non_finite: str = "stop",
           max_consecutive_skips: int = 20, z_loss: float = 0.0,
-          lora: LoraConfig | None = None,
-          task_eval: TaskEvaluation | None = None) -> TrainResult:
+          lora: LoraConfig | None = None, task_eval: TaskEvaluation | None = None,
+          verify_checksums: bool = True) -> TrainResult:
   """Trains the gin-configured model on ``mixture`` (a registered seqio task or mixture name).
 
   ``global_batch_size`` rows of ``sequence_length`` tokens per step, accumulated over
@@ -472,6 +478,8 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
   value actually used) to ``run_dir/operative_config.gin`` after the first step. ``lora`` trains
   LoRA adapters of ``init_checkpoint`` (then required) instead of the whole model. ``task_eval``
   runs seqio Tasks (MIBE) on the model in memory every ``task_eval.every`` steps and at the end.
+  ``verify_checksums=False`` skips the check of restored checkpoints and ``init_checkpoint``
+  against their recorded checksums.
   """
   if on_non_finite not in NON_FINITE_POLICIES:
     raise ValueError(f"on_non_finite={on_non_finite!r} is not one of {NON_FINITE_POLICIES}")
@@ -479,7 +487,8 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
     raise ValueError("LoRA training needs init_checkpoint: the base model the adapters adapt")
   with progress.stage(f"setting up the run in {run_dir} (mesh, model, data pipeline)"):
     run = _setup(run_dir, mixture, sequence_length, global_batch_size, total_steps, seed,
-                 init_checkpoint, lora, save_every, keep_checkpoints, async_checkpoints)
+                 init_checkpoint, lora, save_every, keep_checkpoints, async_checkpoints,
+                 verify_checksums)
   state, skipped = _start(run, init_checkpoint, seed)
   step_fn = train_step.jit_train_step(
       train_step.make_train_step(run.model, run.tx, num_microbatches, z_loss, dropout_seed=seed),
@@ -505,8 +514,10 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
           on_non_finite=on_non_finite, max_consecutive_skips=max_consecutive_skips, meta=meta,
           sigterm=sigterm)
     finally:
-      run.ckpts.close()
-      log.close()
+      try:
+        run.ckpts.close()
+      finally:
+        log.close()
   final_dir = adapters_dir = None
   if step == total_steps:
     with progress.stage(f"writing the final model folder in {run_dir}"):

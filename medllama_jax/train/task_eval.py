@@ -70,11 +70,11 @@ class TaskEvaluation:
 
   def run(self, loaded: loading.LoadedModel, run_dir: str, step: int) -> dict[str, float]:
     """Evaluates ``loaded`` (the run's model at ``step``), writes the results and returns the
-    scalars ``{task}/{metric}`` of the scores (``evaluator.scores``: metrics that were not
+    scalars ``{task}/{metric}`` of the scores (``evaluator.score_scalars``: metrics that were not
     computed, such as BERTScore without an encoder, and settings such as seeds are left out)."""
     out_dir = os.path.join(run_dir, OUT_SUBDIR, f"step_{step}")
     metrics = evaluator.evaluate_model(loaded, self.task_names, out_dir, self.settings,
                                        f"{run_dir} (training step {step})",
                                        self.write_predictions, step)
     return {f"{task}/{key}": value for task, values in metrics.items()
-            for key, value in evaluator.scores(values).items()}
+            for key, value in evaluator.score_scalars(values).items()}
