@@ -20,7 +20,7 @@ import transformers  # noqa: E402
 from medllama_jax import decode, demo, loading, partitioning  # noqa: E402
 from medllama_jax.cli import convert as convert_cli, generate as generate_cli  # noqa: E402
 from medllama_jax.eval.datasets import MIBE_DATASETS  # noqa: E402
-from seqio_tasks.mibe import task_name  # noqa: E402
+from seqio_tasks.mibe import register_mibe_tasks, task_name  # noqa: E402
 from test_evaluator import expected_keys  # noqa: E402
 
 PROMPTS = ["The patient presented with", "Aspirin"]
@@ -90,7 +90,11 @@ def test_demo_evaluates_the_tuned_model_on_every_task(demo_dir):
   """Step 8: medllama-eval on the shipped sample of the 12 MIBE datasets and MMLU; every metric of
   every task is a finite number, except BERTScore (no encoder in the demo: None, "n/a")."""
   results = json.loads((demo_dir / "eval" / "results.json").read_text())
-  names = [task_name(dataset, 0) for dataset in (*MIBE_DATASETS, "mmlu")]
+  # The demo ran in its own process: register the same tasks here to know their metrics.
+  names = register_mibe_tasks(demo.demo_data_path("mibe"), str(demo_dir / "instruct_run" /
+                                                                "final_model"),
+                              datasets=[*MIBE_DATASETS, "mmlu"])
+  assert names == [task_name(dataset, 0) for dataset in (*MIBE_DATASETS, "mmlu")]
   assert results["task_names"] == names
   assert results["model"] == str(demo_dir / "instruct_run" / "final_model")
   table = (demo_dir / "eval" / "results.md").read_text()
@@ -147,7 +151,7 @@ def test_convert_cli_round_trip_and_errors(demo_dir, tmp_path, capsys):
   assert convert_cli.main(["orbax-to-hf", "--ckpt", str(tmp_path / "missing"), "--out",
                            str(tmp_path / "x")]) == 1
   err = capsys.readouterr().err
-  assert "missing" in err and "config.json" in err
+  assert f"{tmp_path / 'missing'}: model folder not found" in err
   assert not (tmp_path / "x").exists()
 
 
