@@ -210,18 +210,38 @@ def _device_lanes(x: jax.Array) -> jax.Array:
   return jnp.stack([jnp.sum(_lane_terms(words, index, lane), dtype=jnp.uint32) for lane in _LANES])
 
 
+def _all_lanes(arrays: list[jax.Array]) -> list[jax.Array]:
+  return [_device_lanes(x) for x in arrays]
+
+
 @functools.cache
-def _jitted_lanes(out_sharding: jax.sharding.Sharding | None) -> Any:
-  return jax.jit(_device_lanes, out_shardings=out_sharding)
+def _jitted_all_lanes(out_shardings: tuple[jax.sharding.Sharding, ...]) -> Any:
+  return jax.jit(_all_lanes, out_shardings=list(out_shardings))
 
 
-def _device_checksum_lanes(x: jax.Array) -> jax.Array:
-  """The two lanes of ``x``, reduced where its shards live and replicated, so every host can read
-  them."""
-  sharding = x.sharding
-  replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-                if isinstance(sharding, jax.sharding.NamedSharding) else None)
-  return _jitted_lanes(replicated)(x)
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  """Where a tensor's lanes go: replicated over its mesh, so every host can read them."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return sharding
+
+
+def _device_checksum_lanes(arrays: list[jax.Array]) -> list[jax.Array]:
+  """The lanes of every array, reduced where its shards live: one program per set of devices, run
+  one after another. (One program per tensor, dispatched together, leaves many programs with
+  cross-device reductions in flight at once, which can deadlock XLA's CPU runtime: its in-process
+  collectives wait for every device's thread.)"""
+  groups: dict[frozenset, list[int]] = {}
+  for i, x in enumerate(arrays):
+    groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
+  lanes: list[jax.Array | None] = [None] * len(arrays)
+  for indices in groups.values():
+    members = [arrays[i] for i in indices]
+    reduced = _jitted_all_lanes(tuple(_replicated(x.sharding) for x in members))(members)
+    jax.block_until_ready(reduced)
+    for i, value in zip(indices, reduced):
+      lanes[i] = value
+  return lanes
 
 
 def tensor_name(path: Sequence[Any]) -> str:
@@ -239,12 +259,12 @@ def tensor_name(path: Sequence[Any]) -> str:
 
 def tensor_checksums(tree: Any) -> dict[str, TensorChecksum]:
   """The checksum of every leaf: jax arrays on their devices (every host calls this together), host
-  arrays with numpy. The device reductions are all dispatched before any result is fetched."""
+  arrays with numpy."""
   leaves = [(tensor_name(path), leaf if isinstance(leaf, jax.Array) else np.asarray(leaf))
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  pending = {name: _device_checksum_lanes(leaf) for name, leaf in leaves
-             if isinstance(leaf, jax.Array)}
-  fetched = dict(zip(pending, jax.device_get(list(pending.values()))))
+  on_devices = [(name, leaf) for name, leaf in leaves if isinstance(leaf, jax.Array)]
+  lanes = _device_checksum_lanes([leaf for _, leaf in on_devices])
+  fetched = dict(zip([name for name, _ in on_devices], jax.device_get(lanes)))
   return {name: (TensorChecksum.of_lanes(fetched[name], leaf.dtype, leaf.shape) if name in fetched
                  else host_checksum(leaf))
           for name, leaf in leaves}
