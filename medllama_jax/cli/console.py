@@ -62,12 +62,19 @@ def make_parser(prog: str, description: str | None) -> ArgumentParser:
   """The parser of a command, with ``--debug`` and ``--log_dir``."""
   parser = ArgumentParser(prog=prog, description=description,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--debug", action="store_true",
-                      help="show every library's log records and the traceback of an error")
-  parser.add_argument("--log_dir", default=None,
-                      help=f"folder of the log file (default: ${LOG_DIR_ENV}, else "
-                           f"{default_log_dir()})")
+  add_console_flags(parser)
   return parser
+
+
+def add_console_flags(parser: argparse.ArgumentParser, subcommand: bool = False) -> None:
+  """``--debug`` and ``--log_dir``; a ``subcommand``'s copies set them only when given, so they
+  may come before or after the subcommand's name."""
+  defaults = {"default": argparse.SUPPRESS} if subcommand else {}
+  parser.add_argument("--debug", action="store_true",
+                      help="show every library's log records and the traceback of an error",
+                      **defaults)
+  parser.add_argument("--log_dir", help=f"folder of the log file (default: ${LOG_DIR_ENV}, else "
+                                        f"{default_log_dir()})", **defaults)
 
 
 def add_skip_checksums_flag(parser: argparse.ArgumentParser) -> None:

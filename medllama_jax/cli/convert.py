@@ -49,6 +49,7 @@ def build_parser() -> console.ArgumentParser:
                      help="base model folder (default: the one recorded in the adapter folder)")
   console.add_skip_checksums_flag(merge)
   for command in (to_orbax, from_meta, to_hf, merge):
+    console.add_console_flags(command, subcommand=True)
     command.add_argument("--out", required=True, help="new output folder (must not exist)")
     command.add_argument("--dtype", choices=_DTYPES, default="auto",
                          help="stored dtype of the output (auto: as in the input)")

@@ -52,6 +52,7 @@ def _target_parser() -> argparse.ArgumentParser:
   where.add_argument("--cuda", choices=("cuda12", "cuda13"), default="cuda12",
                      help="JAX build installed on GPU nodes")
   parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+  console.add_console_flags(parser, subcommand=True)
   return parser
 
 
