@@ -421,3 +421,53 @@ def test_medmcqa_and_pubmed_prompts_are_the_release_text():
   assert pubmed[0]["inputs"] == PUBMED_RELEASE.format(
       "we studied sleep duration in 300 nurses working night shifts . short sleep was linked to "
       "more medication errors .")
+
+
+# --------------------------------------------------------------------------------------------------
+# Files as their releases ship them (tests/fixtures/mibe/as_released): MedQA's 4-option files,
+# MedMCQA's unlabelled test.json, Cohan et al.'s records with an empty article.
+
+AS_RELEASED = FIXTURES / "as_released"
+
+
+def test_medqa_4_option_files_list_and_score_their_own_options():
+  folder = str(AS_RELEASED / "medqa" / "4_options")
+  [first, second] = datasets.build_examples("medqa", folder, num_shots=1)
+  assert first["inputs"].endswith(
+      "select one correct answer from A to D. Base your answer on the current and standard "
+      "practices referenced in medical guidelines.\nQuestion: A 23-year-old woman has dysuria and "
+      "urinary frequency without fever. Which drug is the best first choice?\n\nOptions:\n"
+      "A. Ampicillin\nB. Ceftriaxone\nC. Doxycycline\nD. Nitrofurantoin\n\nThe answer is")
+  assert "D. Hypernatremia\n\nThe answer is B\n\n" in first["inputs"]
+  assert (first["targets"], second["targets"]) == ("D", "B")
+  assert first["options"] == second["options"] == ["A", "B", "C", "D"]
+  assert json.loads(first["gold"]) == "D"
+  five = datasets.build_examples("medqa", str(FIXTURES / "medqa"))[0]
+  assert "from A to E." in five["inputs"] and five["options"] == list(scorers.MEDQA_OPTIONS)
+
+
+def test_medqa_folder_mixing_both_releases_is_refused(tmp_path):
+  folder = tmp_path / "medqa"
+  folder.mkdir()
+  (folder / "test.jsonl").write_text((FIXTURES / "medqa" / "test.jsonl").read_text())
+  (folder / "phrases_no_exclude_test.jsonl").write_text(
+      (AS_RELEASED / "medqa" / "4_options" / "phrases_no_exclude_test.jsonl").read_text())
+  with pytest.raises(ValueError, match=r"'medqa': the evaluation set mixes records with \[4, 5\]"):
+    datasets.build_examples("medqa", str(folder))
+
+
+def test_medmcqa_unlabelled_test_split_is_refused_by_name():
+  path = str(AS_RELEASED / "medmcqa" / "test.json")
+  with pytest.raises(ValueError) as error:
+    datasets.SPECS["medmcqa"].read(path)
+  message = str(error.value)
+  assert message.startswith(f"{path}: no field cop (id 0a1b2c3d-0000-4000-8000-000000000001)")
+  assert "unlabelled" in message and "cannot be scored" in message and "\n" not in message
+
+
+def test_pubmed_articles_without_text_are_skipped_and_logged(caplog):
+  path = str(AS_RELEASED / "pubmed_summarization" / "test.txt")
+  [record] = datasets.read_records("pubmed_summarization", str(AS_RELEASED / "pubmed_summarization"))
+  assert record["gold"] == "short sleep in night - shift nurses was linked to medication errors ."
+  assert f"{path}: skipped 1 article(s) with an empty article_text: article_id PMC1000002" in (
+      caplog.text)

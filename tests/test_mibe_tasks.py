@@ -159,3 +159,17 @@ def test_missing_folder_names_dataset_and_source(vocab_path: str, tmp_path: Path
   assert register_mibe_tasks(str(tmp_path), vocab_path, datasets=["ddi"]) == ["mibe_ddi_0shot"]
   with pytest.raises(FileNotFoundError, match=r"'ddi'.*few-shot pool"):
     register_mibe_tasks(str(tmp_path), vocab_path, datasets=["ddi"], num_shots=(3,))
+
+
+def test_medqa_4_option_release_ranks_its_four_options(vocab_path: str, tmp_path: Path):
+  shutil.copytree(FIXTURES / "as_released" / "medqa" / "4_options", tmp_path / "medqa")
+  [name] = register_mibe_tasks(str(tmp_path), vocab_path, datasets=["medqa"], num_shots=(1,))
+  task = seqio.get_mixture_or_task(name)
+  rows = examples(name)
+  assert [e["options"].astype(str).tolist() for e in rows] == [["A", "B", "C", "D"]] * 2
+  assert all("from A to D." in e["inputs_pretokenized"].decode() for e in rows)
+  targets = [task.postprocess_fn(e["targets_pretokenized"], example=e, is_target=True)
+             for e in rows]
+  assert targets == ["D", "B"]
+  [ranking] = task.score_metric_fns
+  assert ranking(targets, [[0, 0, 0, 1], [0, 1, 0, 0]])["loglikelihood/acc"] == 1.0

@@ -13,10 +13,13 @@ preprocessed files are not public, so their record unit and preprocessing are ou
 * ``pubmedqa``: ``test_set.json`` / ``train_set.json``, the output of PubMedQA's
   ``preprocess/split_dataset.py`` (PQA-L, 500 test questions): ``{pmid: {QUESTION, CONTEXTS,
   final_decision}}``.
-* ``medqa``: ``test.jsonl`` / ``train.jsonl``, MedQA-USMLE with 5 options: ``{question, options:
-  {A..E}, answer_idx}``.
+* ``medqa``: ``*test.jsonl`` / ``*train.jsonl``, MedQA-USMLE: ``{question, options: {A..E},
+  answer_idx}`` (``US/*.jsonl``) or, from the same release, ``{question, options: {A..D},
+  answer_idx}`` (``US/4_options/phrases_no_exclude_*.jsonl``); each record lists and is scored on
+  the options it has. A folder holds one of the two.
 * ``medmcqa``: ``dev.json`` / ``train.json``, the official jsonl files ``{question, opa..opd,
-  cop}`` with ``cop`` 1-4. The test set has no public answers, so dev is the evaluation set.
+  cop}`` with ``cop`` 1-4. The test set has no public answers (no ``cop``), so dev is the
+  evaluation set; a file without ``cop`` is refused as unlabelled, never scored.
 * ``emrqa``: ``test.json`` / ``train.json``, SQuAD json (``data/paragraphs/qas``); the first answer
   is the gold. From emrQA's generated ``data.json`` (ours): a paragraph per note, a question's
   first paraphrase, its answers the note lines holding the answer (emrQA's ``evidence``: the
@@ -36,8 +39,9 @@ preprocessed files are not public, so their record unit and preprocessing are ou
   rows without a transcription are skipped. The split (ours) is a seeded draw that keeps copies of
   a transcription (MTSamples lists many under several specialties) on one side.
 * ``pubmed_summarization``: ``test.txt`` / ``train.txt``, Cohan et al. 2018's jsonl:
-  ``{article_text: [sentences], abstract_text: ["<S> ... </S>", ...]}``; the article is its
-  sentences joined by spaces (ours).
+  ``{article_id, article_text: [sentences], abstract_text: ["<S> ... </S>", ...]}``; the article
+  is its sentences joined by spaces (ours); articles with an empty ``article_text`` are skipped and
+  logged with their ids.
 * ``mimic_cxr``: ``test.jsonl`` / ``train.jsonl``, ``{findings, impression}``. From the report
   tree (ours): the FINDINGS and IMPRESSION sections, whitespace collapsed; reports lacking either
   are skipped.
@@ -80,6 +84,7 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from absl import logging
 from etils import epath
 
 from medllama_jax.eval import metrics, scorers
@@ -121,15 +126,34 @@ def _read_pubmedqa(path: str) -> list[Record]:
                     contexts=list(item["CONTEXTS"])) for item in _read_json(path).values()]
 
 
+def _medqa_letters(path: str, row: Mapping[str, Any]) -> tuple[str, ...]:
+  """The record's option letters: MedQA's ``US/*.jsonl`` records have A-E, its
+  ``4_options/phrases_no_exclude_*.jsonl`` records A-D; the answer must be one of them."""
+  letters = scorers.MEDQA_OPTIONS[:len(row["options"])]
+  if sorted(row["options"]) != list(letters) or row["answer_idx"] not in letters:
+    raise ValueError(f"{path}: options {sorted(row['options'])} with answer_idx "
+                     f"{row['answer_idx']!r}; MedQA letters its 4 or 5 options from A and answers "
+                     "with one of those letters")
+  return letters
+
+
 def _read_medqa(path: str) -> list[Record]:
-  return [_labelled(row["answer_idx"], question=row["question"],
-                    options=[row["options"][letter] for letter in scorers.MEDQA_OPTIONS])
-          for row in _read_jsonl(path)]
+  records = []
+  for row in _read_jsonl(path):
+    letters = _medqa_letters(path, row)
+    records.append(_labelled(row["answer_idx"], question=row["question"],
+                             options=[row["options"][letter] for letter in letters],
+                             choices=list(letters)))
+  return records
 
 
 def _read_medmcqa(path: str) -> list[Record]:
   records = []
   for row in _read_jsonl(path):
+    if "cop" not in row:
+      raise ValueError(f"{path}: no field cop (id {row.get('id')}): an unlabelled MedMCQA split "
+                       "(the public test.json has no answers) cannot be scored; evaluate on "
+                       "dev.json")
     if row["cop"] not in (1, 2, 3, 4):
       raise ValueError(f"{path}: cop={row['cop']!r} (id {row.get('id')}); the official MedMCQA "
                        "files number the correct option 1-4 (a 0-3 export needs converting)")
@@ -171,11 +195,19 @@ def _cohan_sentences(sentences: Sequence[str]) -> str:
 
 
 def _read_pubmed_summarization(path: str) -> list[Record]:
-  records = []
+  """Articles whose ``article_text`` is empty (the release has some) leave nothing to summarise:
+  they are skipped, and their ids logged with the file, rather than scored against an abstract."""
+  records, empty = [], []
   for row in _read_jsonl(path):
+    article = " ".join(row["article_text"])
+    if not article.strip():
+      empty.append(str(row.get("article_id")))
+      continue
     abstract = _cohan_sentences(row["abstract_text"])
-    records.append({"article": " ".join(row["article_text"]), "answer": abstract,
-                    "gold": abstract})
+    records.append({"article": article, "answer": abstract, "gold": abstract})
+  if empty:
+    logging.warning("%s: skipped %d article(s) with an empty article_text: article_id %s", path,
+                    len(empty), ", ".join(empty))
   return records
 
 
@@ -208,15 +240,15 @@ _MEDQA_INSTRUCTION = (
     "demonstrate your understanding of basic and clinical science, medical knowledge, and "
     "mechanisms underlying health, disease, patient care, and modes of therapy. Show your ability "
     "to apply the knowledge essential for medical practice. For the following multiple-choice "
-    "question, select one correct answer from A to E. Base your answer on the current and "
+    "question, select one correct answer from A to {last}. Base your answer on the current and "
     "standard practices referenced in medical guidelines.")
 # Meditron's MedMCQA instruction, which the release's MedMCQA template uses verbatim.
 _MEDMCQA_INSTRUCTION = (
     "You are a medical doctor answering realworld medical entrance exam questions. Based on your "
     "understanding of basic and clinical science, medical knowledge, and mechanisms underlying "
     "health, disease, patient care, and modes of therapy, answer the following multiple-choice "
-    "question. Select one correct answer from A to D. Base your answer on the current and standard "
-    "practices referenced in medical guidelines.")
+    "question. Select one correct answer from A to {last}. Base your answer on the current and "
+    "standard practices referenced in medical guidelines.")
 _NLI_TASK = ("TASK: Please classify the relationship between the given premise and hypothesis into "
              "one of the following labels: entailment, contradiction, or neutral. Return only the "
              "label.")
@@ -227,11 +259,14 @@ def _lettered(options: Sequence[str]) -> str:
 
 
 def _exam_prompt(instruction: str) -> Callable[[Record, str], str]:
-  """MedQA/MedMCQA: a question that ends in neither "?" nor "." gets a "?" (as in the release)."""
+  """MedQA/MedMCQA: a question that ends in neither "?" nor "." gets a "?" (as in the release). The
+  instruction names the record's last option letter ("A to E" for MedQA's 5 options, "A to D" for
+  its 4-option files and MedMCQA), as the options listed are the record's."""
 
   def prompt(r: Record, variant: str) -> str:
     question = r["question"] if r["question"].endswith(("?", ".")) else r["question"] + "?"
-    return (f"{instruction}\nQuestion: {question}\n\nOptions:\n{_lettered(r['options'])}\n\n"
+    text = instruction.format(last=scorers.MEDQA_OPTIONS[len(r["options"]) - 1])
+    return (f"{text}\nQuestion: {question}\n\nOptions:\n{_lettered(r['options'])}\n\n"
             "The answer is")
 
   return prompt
@@ -365,8 +400,9 @@ SPECS: Mapping[str, DatasetSpec] = types.MappingProxyType({
         "https://github.com/pubmedqa/pubmedqa (PQA-L; run preprocess/split_dataset.py)",
         scorers.PUBMEDQA_LABELS),
     "medqa": DatasetSpec(
-        "test.jsonl", "train.jsonl", _read_medqa, _exam_prompt(_MEDQA_INSTRUCTION), "medqa",
-        "the MedQA release, https://github.com/jind11/MedQA (data_clean/questions/US/*.jsonl)",
+        "*test.jsonl", "*train.jsonl", _read_medqa, _exam_prompt(_MEDQA_INSTRUCTION), "medqa",
+        "the MedQA release, https://github.com/jind11/MedQA (data_clean/questions/US/*.jsonl or "
+        "US/4_options/phrases_no_exclude_*.jsonl)",
         scorers.MEDQA_OPTIONS),
     "medmcqa": DatasetSpec(
         "dev.json", "train.json", _read_medmcqa, _exam_prompt(_MEDMCQA_INSTRUCTION), "medmcqa",
@@ -439,6 +475,16 @@ def read_records(dataset: str, dataset_dir: str, shots: bool = False) -> list[Re
   return records
 
 
+def _check_one_option_count(dataset: str, records: Sequence[Record]) -> None:
+  """Records that carry their own ``choices`` (MedQA: 4 or 5) must agree within an evaluation set:
+  the examples' ``options`` form one rectangular feature, and a folder holding both MedQA
+  releases would count each question twice."""
+  counts = sorted({len(r["choices"]) for r in records if "choices" in r})
+  if len(counts) > 1:
+    raise ValueError(f"MIBE dataset {dataset!r}: the evaluation set mixes records with {counts} "
+                     "options; keep the files of one release (5 or 4 options) in the folder")
+
+
 def with_answer(prompt: str, answer: str) -> str:
   """A demonstration: the prompt, a space unless the prompt ends in whitespace, the answer."""
   return f"{prompt}{'' if prompt[-1:].isspace() else ' '}{answer}"
@@ -456,15 +502,17 @@ def build_examples(dataset: str, dataset_dir: str, num_shots: int = 0, variant: 
   pool = read_records(dataset, dataset_dir, shots=True) if num_shots else []
   if len(pool) < num_shots:
     raise ValueError(f"MIBE dataset {dataset!r}: {num_shots} shots asked, the pool has {len(pool)}")
+  records = read_records(dataset, dataset_dir)
+  _check_one_option_count(dataset, records)
   examples = []
-  for index, record in enumerate(read_records(dataset, dataset_dir)):
+  for index, record in enumerate(records):
     shots = random.Random(f"{seed}:{index}").sample(pool, num_shots)
     demonstrations = [with_answer(spec.prompt(s, variant), s["answer"]) for s in shots]
     prompt = "\n\n".join([*demonstrations, spec.prompt(record, variant)])
     example = {"index": index, "inputs": prompt, "targets": record["answer"],
                "gold": json.dumps(record["gold"])}
     if spec.options:
-      example["options"] = list(spec.options)
+      example["options"] = list(record.get("choices", spec.options))
     examples.append(example)
   return examples
 
