@@ -30,6 +30,7 @@ PUBMED = str(FIXTURES / "pubmed" / "pubmed99n0001.xml.gz")
 JSONL = str(FIXTURES / "jsonl" / "pile_sample.jsonl")
 MIMIC_III = str(FIXTURES / "mimic-iii" / "NOTEEVENTS.csv.gz")
 MIMIC_IV = str(FIXTURES / "mimic-iv-note" / "discharge.csv.gz")
+MIMIC_III_BROKEN = str(FIXTURES / "mimic-iii-broken" / "NOTEEVENTS.csv.gz")
 
 MIMIC_III_9001 = ("Admission Date:  [**2101-1-1**]              Discharge Date:   [**2101-1-5**]\n\n"
                   "Service: MEDICINE\n\nHistory of Present Illness:\n"
@@ -187,12 +188,26 @@ def test_zst_jsonl_frames_and_truncation(tmp_path):
 def test_mimic_iii_notes_iserror_skipped_short_row_reported():
   assert read("mimic_iii_notes", MIMIC_III) == [
       Document("mimic3:9001", MIMIC_III_9001),
-      Rejected(MIMIC_III, "row 2 (line 14)", "iserror"),
+      Rejected(MIMIC_III, "row 2 (line 13)", "iserror"),
       Rejected(MIMIC_III, "row 3 (line 15)", "wrong_field_count"),
       Document("mimic3:9004", MIMIC_III_9004),
       Document("mimic3:9005", MIMIC_III_9005),
       Document("mimic3:9006", "SECRET-MIMIC3-SHORT ok."),
   ]
+
+
+def test_mimic_iii_broken_quotes_cost_one_note_each_and_later_rows_are_kept():
+  got = read("mimic_iii_notes", MIMIC_III_BROKEN)
+  assert got == [
+      Document("mimic3:9101", "Invented nursing note: the synthetic patient\n1,200,000 imaginary units "
+               "were charted, a line that starts like a row but is not one.\n"),
+      Rejected(MIMIC_III_BROKEN, "row 2 (line 5)", "unterminated_quote"),
+      Document("mimic3:9103", "Invented progress note after the damage,\nwith a second line.\n"),
+      Rejected(MIMIC_III_BROKEN, "row 4 (line 10)", "bad_quoting"),
+      Document("mimic3:9105", "Invented discharge summary, the last note of the file.\n"),
+      Rejected(MIMIC_III_BROKEN, "row 6 (line 13)", "unterminated_quote"),
+  ]
+  assert not any("SECRET" in r.text for r in got if isinstance(r, Document))
 
 
 def test_mimic_iii_category_filter_ignores_case_and_padding():
@@ -308,7 +323,7 @@ def test_prepare_mimic_iii_counts_shards_and_keeps_text_out_of_logs(tmp_path, ab
       "Discharge Condition: synthetic and stable.")
 
   logged = absl_logs.text + "".join(capfd.readouterr())
-  assert f"skipped {MIMIC_III} at row 2 (line 14): iserror" in logged
+  assert f"skipped {MIMIC_III} at row 2 (line 13): iserror" in logged
   assert f"skipped {MIMIC_III} at mimic3:9006: too_short" in logged
   for words in CLINICAL_WORDS:
     assert words not in logged

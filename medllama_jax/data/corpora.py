@@ -13,13 +13,12 @@ Rejections never carry record text: the clinical corpora are credentialed data, 
 summaries is ids, file names, positions and reasons only.
 
 A reader never raises on one bad record. An error that ends a file early (a truncated or corrupt
-gzip, zstd, tar or zip stream; MEDLINE XML that is not well formed; CSV the csv module cannot parse) is
-turned by :func:`read` into a final ``Rejected`` for the whole input (``truncated_file``,
-``corrupt_file``, ``bad_xml``, ``bad_csv``, at the parser's line and column or "after N records"); the
-records already read from that file stand, and the run goes on with the next input, because one damaged
-file of a thousand PubMed updates should not cost the other 999. An input that cannot be read at all for
-want of software (``.zst`` without the optional ``zstandard`` package) raises :class:`CorpusError` and
-stops the run.
+gzip, zstd, tar or zip stream; MEDLINE XML that is not well formed) is turned by :func:`read` into a
+final ``Rejected`` for the whole input (``truncated_file``, ``corrupt_file``, ``bad_xml``, at the
+parser's line and column or "after N records"); the records already read from that file stand, and the
+run goes on with the next input, because one damaged file of a thousand PubMed updates should not cost
+the other 999. An input that cannot be read at all for want of software (``.zst`` without the optional
+``zstandard`` package) raises :class:`CorpusError` and stops the run.
 """
 
 from __future__ import annotations
@@ -358,16 +357,22 @@ def _json_line(path: str, name: str, number: int, line: bytes,
 
 @dataclasses.dataclass(frozen=True)
 class _NoteTable:
-  """Where a MIMIC notes table keeps what we need (column names compared case-blind)."""
+  """Where a MIMIC notes table keeps what we need (column names compared case-blind).
+
+  ``row_start`` matches the first line of a row (its id columns); with the row's field count it tells a
+  new row from a line of note text after a quote that was never closed.
+  """
   id_prefix: str
   id_column: str
   text_column: str
   category_column: str
+  row_start: re.Pattern[str]
   error_column: str | None = None
 
 
-_MIMIC_III = _NoteTable("mimic3", "row_id", "text", "category", error_column="iserror")
-_MIMIC_IV = _NoteTable("mimic4", "note_id", "text", "note_type")
+_MIMIC_III = _NoteTable("mimic3", "row_id", "text", "category", re.compile(r"\d+,\d+,"),
+                        error_column="iserror")
+_MIMIC_IV = _NoteTable("mimic4", "note_id", "text", "note_type", re.compile(r"\d+-[A-Z]+-\d+,\d+,"))
 
 
 def read_mimic_iii_notes(path: str, *,
@@ -389,19 +394,30 @@ def read_mimic_iv_notes(path: str, *,
   return _read_notes(path, _MIMIC_IV, mimic_category)
 
 
+@dataclasses.dataclass(frozen=True)
+class _CsvRow:
+  """One CSV record: its first line, and its fields (None when its quoting is broken)."""
+  line: int
+  fields: list[str] | None
+  reason: str = ""
+
+
 def _read_notes(path: str, table: _NoteTable,
                 category: str | Sequence[str] | None) -> Iterator[Record]:
   """CSV rows (quoted multi-line notes) as Documents; rows are numbered from 1 after the header.
 
-  Rejected rows: ``wrong_field_count`` (short or long rows), ``not_utf8``, ``no_id``, ``iserror``,
-  ``not_selected``. A header without the needed columns rejects the file as ``missing_columns``.
+  Rejected rows (location: row number and the line it starts on): ``wrong_field_count`` (short or long
+  rows), ``unterminated_quote`` (a quoted field still open where a new row starts or the file ends),
+  ``bad_quoting`` (a stray quote, e.g. text after a closing quote), ``not_utf8``, ``no_id``,
+  ``iserror``, ``not_selected``. A header without the needed columns rejects the file as
+  ``missing_columns``.
   """
   wanted = _selection(category)
-  csv.field_size_limit(_CSV_FIELD_LIMIT)
   with io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape",
                         newline="") as text:
-    rows = csv.reader(text)
-    header = [name.strip().lower() for name in next(rows, [])]
+    lines = enumerate(text, 1)
+    header_line = next(lines, (1, ""))[1]
+    header = [name.strip().lower() for name in _parse_csv_record(header_line) or []]
     needed = [table.id_column, table.text_column, table.category_column]
     needed += [table.error_column] if table.error_column else []
     missing = [name for name in needed if name not in header]
@@ -409,21 +425,79 @@ def _read_notes(path: str, table: _NoteTable,
       yield Rejected(path, f"header (no {', '.join(missing)})", "missing_columns")
       return
     column = {name: header.index(name) for name in needed}
-    for number, row in enumerate(rows, 1):
-      location = f"row {number} (line {rows.line_num})"
-      if len(row) != len(header):
-        yield Rejected(path, location, "wrong_field_count")
-      elif any(_SURROGATE.search(field) for field in row):
-        yield Rejected(path, location, "not_utf8")
-      elif not row[column[table.id_column]].strip():
-        yield Rejected(path, location, "no_id")
-      elif table.error_column and row[column[table.error_column]].strip() == "1":
-        yield Rejected(path, location, "iserror")
-      elif wanted is not None and _key(row[column[table.category_column]]) not in wanted:
-        yield Rejected(path, location, "not_selected")
-      else:
-        note_id = row[column[table.id_column]].strip()
-        yield Document(f"{table.id_prefix}:{note_id}", row[column[table.text_column]])
+    for number, row in enumerate(_csv_rows(lines, table.row_start, len(header)), 1):
+      yield _note(path, f"row {number} (line {row.line})", row, table, column, len(header), wanted)
+
+
+def _note(path: str, location: str, row: _CsvRow, table: _NoteTable, column: dict[str, int],
+          width: int, wanted: frozenset[str] | None) -> Record:
+  fields = row.fields
+  if fields is None:
+    return Rejected(path, location, row.reason)
+  if len(fields) != width:
+    return Rejected(path, location, "wrong_field_count")
+  if any(_SURROGATE.search(field) for field in fields):
+    return Rejected(path, location, "not_utf8")
+  note_id = fields[column[table.id_column]].strip()
+  if not note_id:
+    return Rejected(path, location, "no_id")
+  if table.error_column and fields[column[table.error_column]].strip() == "1":
+    return Rejected(path, location, "iserror")
+  if wanted is not None and _key(fields[column[table.category_column]]) not in wanted:
+    return Rejected(path, location, "not_selected")
+  return Document(f"{table.id_prefix}:{note_id}", fields[column[table.text_column]])
+
+
+def _csv_rows(lines: Iterator[tuple[int, str]], row_start: re.Pattern[str],
+              width: int) -> Iterator[_CsvRow]:
+  """The CSV records of numbered physical lines, parsed strictly, one at a time.
+
+  A record ends at the first line where its quotes balance. While a quoted field is open, a line that
+  matches ``row_start`` and holds ``width`` fields starts a new row: the open record is rejected as
+  ``unterminated_quote`` and reading resumes there, so one missing quote costs one note, never the
+  notes after it, and no record ever takes in another's lines. (A note line that happens to look
+  exactly like the start of a row would be taken for one; MIMIC's text column is last, so such a line
+  would need all the other columns before it.)
+  """
+  pending: list[str] = []
+  first = 0
+  for number, line in lines:
+    if pending and row_start.match(line) and _fields_on_line(line) == width:
+      yield _CsvRow(first, None, "unterminated_quote")
+      pending = []
+    if not pending:
+      first = number
+    pending.append(line)
+    record = "".join(pending)
+    if record.count('"') % 2 == 0:
+      pending = []
+      if record.strip():
+        fields = _parse_csv_record(record)
+        yield _CsvRow(first, fields, "" if fields is not None else "bad_quoting")
+  if pending:
+    yield _CsvRow(first, None, "unterminated_quote")
+
+
+def _parse_csv_record(record: str) -> list[str] | None:
+  """The fields of one complete CSV record, or None when its quoting is not well formed."""
+  csv.field_size_limit(_CSV_FIELD_LIMIT)
+  try:
+    rows = list(csv.reader(io.StringIO(record, newline=""), strict=True))
+  except csv.Error:
+    return None
+  return rows[0] if len(rows) == 1 else None
+
+
+def _fields_on_line(line: str) -> int:
+  """How many fields a line starts: the commas outside quotes, plus one (a field may stay open)."""
+  quoted = False
+  commas = 0
+  for character in line:
+    if character == '"':
+      quoted = not quoted
+    elif character == "," and not quoted:
+      commas += 1
+  return commas + 1
 
 
 # MIMIC-CXR reports.
@@ -472,8 +546,7 @@ def check_options(format: str, options: Mapping[str, Any]) -> None:
 def _file_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that end one input early without stopping the run (see the module docstring)."""
   errors: tuple[type[BaseException], ...] = (
-      EOFError, gzip.BadGzipFile, zlib.error, tarfile.TarError, zipfile.BadZipFile, ET.ParseError,
-      csv.Error)
+      EOFError, gzip.BadGzipFile, zlib.error, tarfile.TarError, zipfile.BadZipFile, ET.ParseError)
   zstandard = _zstandard()
   return errors + (zstandard.ZstdError,) if zstandard is not None else errors
 
@@ -483,8 +556,6 @@ def _file_error_reason(error: BaseException) -> str:
     return "truncated_file"
   if isinstance(error, ET.ParseError):
     return "bad_xml"
-  if isinstance(error, csv.Error):
-    return "bad_csv"
   return "corrupt_file"
 
 
