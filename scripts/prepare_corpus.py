@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--out", required=True, help="output folder (must be empty or new)")
   parser.add_argument("--num_shards", type=int, default=8, help="files per split")
   parser.add_argument("--validation_fraction", type=float, default=0.001, help="0 = no validation")
-  parser.add_argument("--min_chars", type=int, default=32, help="shorter cleaned texts are dropped")
+  parser.add_argument("--min_chars", type=int, default=32,
+                      help="cleaned texts shorter than this are dropped, valid short documents too; "
+                           "stats.json counts them as too_short (0 keeps every text)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace what an earlier run wrote in --out")
   parser.add_argument("--pile_set_name", action="append",

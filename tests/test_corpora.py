@@ -46,6 +46,14 @@ def read(fmt, path, **options):
   return list(corpora.read(fmt, str(path), **options))
 
 
+def load_cli():
+  """scripts/prepare_corpus.py as a module."""
+  spec = importlib.util.spec_from_file_location("prepare_corpus", ROOT / "scripts" / "prepare_corpus.py")
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  return cli
+
+
 def gzip_bytes(data: bytes) -> bytes:
   return gzip.compress(data, mtime=0)
 
@@ -304,7 +312,9 @@ def test_prepare_mimic_iii_counts_shards_and_keeps_text_out_of_logs(tmp_path, ab
       "min_chars": 32,
       "records_read": 4,
       "records_written": {"train": 2},
-      "rejected": {"iserror": 1, "too_short": 1, "wrong_field_count": 1},
+      "errors": {"wrong_field_count": 1},
+      "skipped": {"iserror": 1},
+      "too_short": 1,
       "duplicates": 1,
       "shards": {"train": {"train.tfrecord-00000-of-00002": 1, "train.tfrecord-00001-of-00002": 1}},
       "file_pattern": {"train": "train.tfrecord-?????-of-00002"},
@@ -335,8 +345,24 @@ def test_prepare_logs_no_text_of_malformed_records(tmp_path, absl_logs, capfd):
                     ("pmc_nxml", str(FIXTURES / "pmc_nxml"))]:
     stats = records.prepare(fmt, [path], str(tmp_path / fmt), num_shards=1)
     logged = absl_logs.text + "".join(capfd.readouterr()) + json.dumps(stats)
-    assert stats["rejected"] and "SECRET" not in logged, fmt
-  assert stats["rejected"] == {"bad_xml": 1}
+    assert stats["errors"] and "SECRET" not in logged, fmt
+  assert stats["errors"] == {"bad_xml": 1}
+
+
+def test_short_documents_are_counted_apart_and_help_says_so(tmp_path):
+  source = tmp_path / "short.jsonl"
+  texts = ["Aspirin.", "An invented abstract long enough to pass the minimum length.", "Ok"]
+  source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) + "{broken\n")
+  stats = records.prepare("jsonl", [str(source)], str(tmp_path / "a"), num_shards=1,
+                          validation_fraction=0)
+  assert (stats["too_short"], stats["errors"], stats["skipped"]) == (2, {"bad_json": 1}, {})
+  assert stats["records_written"] == {"train": 1}
+  stats = records.prepare("jsonl", [str(source)], str(tmp_path / "b"), num_shards=1,
+                          validation_fraction=0, min_chars=0)
+  assert (stats["too_short"], stats["records_written"]) == (0, {"train": 3})
+  help_text = " ".join(load_cli().build_parser().format_help().split())
+  assert "--min_chars MIN_CHARS cleaned texts shorter than this are dropped, valid short documents " \
+         "too; stats.json counts them as too_short (0 keeps every text)" in help_text
 
 
 def test_prepare_round_robin_split_and_rerun(tmp_path):
@@ -424,7 +450,9 @@ def test_cli_end_to_end(tmp_path):
       "min_chars": 32,
       "records_read": 2,
       "records_written": {"train": 2},
-      "rejected": {"no_abstract": 1, "no_pmid": 1},
+      "errors": {"no_abstract": 1, "no_pmid": 1},
+      "skipped": {},
+      "too_short": 0,
       "duplicates": 0,
       "shards": {"train": {"train.tfrecord-00000-of-00002": 1, "train.tfrecord-00001-of-00002": 1}},
       "file_pattern": {"train": "train.tfrecord-?????-of-00002"},
@@ -435,9 +463,7 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_expected_errors_exit_1_without_traceback(tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location("prepare_corpus", ROOT / "scripts" / "prepare_corpus.py")
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  cli = load_cli()
   missing = str(tmp_path / "nothing-*.xml.gz")
   assert cli.main(["--format", "pubmed_xml", "--input", missing, "--out", str(tmp_path / "o")]) == 1
   err = capsys.readouterr().err

@@ -61,6 +61,11 @@ class CorpusError(Exception):
   """An input that cannot be read at all; the run stops."""
 
 
+# Reasons for records left out on purpose (a filter option, the source's own error or retraction flag):
+# summaries count them apart from damaged records, which are errors.
+SKIPPED_REASONS = frozenset({"not_selected", "iserror", "retracted"})
+
+
 _CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)  # MIMIC notes are far longer than csv's 128 KiB default.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # Undecodable bytes (surrogateescape) or bad JSON escapes.
 _ARCHIVES = (".tar", ".tar.gz", ".tgz")

@@ -7,8 +7,10 @@ minimum length, exact-duplicate removal and a deterministic train/validation spl
 
 * ``{split}.tfrecord-{i:05d}-of-{n:05d}``: ``tf.train.Example`` records with the bytes features ``text``
   (UTF-8) and ``id`` (:data:`FEATURE_DESCRIPTION`);
-* ``stats.json``: the run's summary (what :func:`prepare` returns), with per-shard record counts and each
-  split's ``file_pattern`` relative to ``out_dir`` (:func:`split_file_patterns` makes them whole).
+* ``stats.json``: the run's summary (what :func:`prepare` returns): records read and written, damaged
+  records by reason (``errors``), records left out on purpose by reason (``skipped``), texts dropped
+  for being shorter than ``min_chars`` (``too_short``), exact duplicates, per-shard record counts and
+  each split's ``file_pattern`` relative to ``out_dir`` (:func:`split_file_patterns` makes them whole).
 
 Shards are written under hidden ``.<name>.incomplete`` names and renamed once every record is in; on an
 error they are deleted. ``stats.json`` is written last, so a folder holding it is complete, and an
@@ -134,17 +136,34 @@ class ShardWriters:
 
 
 class _Tally:
-  """The run's counts; logs rejections (never text) and progress as they come."""
+  """The run's counts; logs rejections (never text) and progress as they come.
+
+  Damaged records (``errors``), records left out on purpose (``skipped``, see
+  :data:`corpora.SKIPPED_REASONS`) and texts under ``min_chars`` (``too_short``) are counted apart, so a
+  summary shows how much was lost to damage and how much to the run's own settings.
+  """
 
   def __init__(self, label: str):
     self.label = label
     self.read = 0
-    self.rejected: collections.Counter[str] = collections.Counter()
+    self.errors: collections.Counter[str] = collections.Counter()
+    self.skipped: collections.Counter[str] = collections.Counter()
+    self.too_short = 0
     self.duplicates = 0
+    self._logged: collections.Counter[str] = collections.Counter()
 
   def reject(self, record: corpora.Rejected) -> None:
-    self.rejected[record.reason] += 1
-    seen = self.rejected[record.reason]
+    counter = self.skipped if record.reason in corpora.SKIPPED_REASONS else self.errors
+    counter[record.reason] += 1
+    self._log(record)
+
+  def drop_short(self, record: corpora.Rejected) -> None:
+    self.too_short += 1
+    self._log(record)
+
+  def _log(self, record: corpora.Rejected) -> None:
+    self._logged[record.reason] += 1
+    seen = self._logged[record.reason]
     if seen <= LOGGED_PER_REASON:
       logging.warning("skipped %s at %s: %s", record.source, record.location, record.reason)
     if seen == LOGGED_PER_REASON:
@@ -152,8 +171,9 @@ class _Tally:
                       seen, record.reason)
 
   def progress(self, written: int) -> None:
-    logging.info("%s: %d records read, %d written, %d rejected, %d duplicates", self.label, self.read,
-                 written, sum(self.rejected.values()), self.duplicates)
+    logging.info("%s: %d records read, %d written, %d errors, %d skipped, %d too short, "
+                 "%d duplicates", self.label, self.read, written, sum(self.errors.values()),
+                 sum(self.skipped.values()), self.too_short, self.duplicates)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
@@ -230,7 +250,7 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
         text = clean_text(record.text)
         data = text.encode("utf-8")
         if len(text) < min_chars:
-          tally.reject(corpora.Rejected(path, record.id, "too_short"))
+          tally.drop_short(corpora.Rejected(path, record.id, "too_short"))
         elif not _is_new(data, seen):
           tally.duplicates += 1
         else:
@@ -246,14 +266,17 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
       "min_chars": min_chars,
       "records_read": tally.read,
       "records_written": {split: sum(counts) for split, counts in shards.counts.items()},
-      "rejected": dict(sorted(tally.rejected.items())),
+      "errors": dict(sorted(tally.errors.items())),
+      "skipped": dict(sorted(tally.skipped.items())),
+      "too_short": tally.too_short,
       "duplicates": tally.duplicates,
       "shards": {split: dict(zip(shards.names[split], shards.counts[split])) for split in splits},
       "file_pattern": {split: f"{split}.tfrecord-?????-of-{num_shards:05d}" for split in splits},
   }
   write_json(os.path.join(out_dir, STATS_FILE), stats)
-  logging.info("%s: %d records read, written %s, rejected %s, %d duplicates", out_dir, tally.read,
-               stats["records_written"], stats["rejected"], tally.duplicates)
+  logging.info("%s: %d records read, written %s, errors %s, skipped %s, %d shorter than %d "
+               "characters, %d duplicates", out_dir, tally.read, stats["records_written"],
+               stats["errors"], stats["skipped"], tally.too_short, min_chars, tally.duplicates)
   return stats
 
 
