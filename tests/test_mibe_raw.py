@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -273,15 +274,44 @@ def test_emrqa_evidence_lines_become_squad_answers(tmp_path):
   assert record["context"][answer["answer_start"]:].startswith(answer["text"])
 
 
+def test_emrqa_complex_answers_give_each_evidence_line(tmp_path):
+  out, summary = convert("emrqa", str(AS_RELEASED / "emrqa" / "data.json"), tmp_path)
+  assert summary["records"] == {"test": 1, "train": 2} and summary["skipped"] == {}
+  squad = json.loads((pathlib.Path(out) / "test.json").read_text())
+  [paragraph] = squad["data"][0]["paragraphs"]
+  context = paragraph["context"]
+  answers = {qa["question"]: qa["answers"] for qa in paragraph["qas"]}
+  assert [a["text"] for a in answers["What is the dosage of metoprolol?"]] == [
+      "Metoprolol was started for rate control .", "Dose 25 mg twice daily by mouth ."]
+  assert [a["text"] for a in answers["What is the dosage of aspirin?"]] == ["Aspirin 81 mg daily ."]
+  assert all(context[a["answer_start"]:].startswith(a["text"])
+             for found in answers.values() for a in found)
+  record = datasets.read_records("emrqa", out)[0]
+  assert record["gold"] == "Metoprolol was started for rate control ."
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"evidence_line": 7}, r"data\.json: 'medication' note 101, question 0: answer_start line 7 "
      "outside the note's 3 lines"),
     ({"evidence": "Metformin 500 mg ."}, r"note 101, question 0: field evidence does not occur"),
+    ({"evidence": ["Lisinopril 10 mg daily for hypertension ."] * 2},
+     r"note 101, question 0: a complex answer's evidence_start \(or answer_start lines\) does "
+     "not give a line for each of its 2 evidence parts"),
 ])
-def test_emrqa_malformed_answers_are_named(tmp_path, kwargs, message):
-  raw = write(tmp_path / "data.json", json.dumps(emrqa_json(**kwargs)))
-  with pytest.raises(RawFormatError, match=message):
-    convert("emrqa", raw, tmp_path)
+def test_emrqa_malformed_pieces_are_reported_counted_and_left_out(tmp_path, caplog, kwargs,
+                                                                  message):
+  data = emrqa_json(**kwargs)
+  good = emrqa_json()["data"][0]["paragraphs"]
+  for note_id, paragraph in zip(("103", "104"), good):
+    data["data"][0]["paragraphs"].append({**paragraph, "note_id": note_id})
+  data["data"].append({"title": "relations"})
+  raw = write(tmp_path / "data.json", json.dumps(data))
+  _, summary = convert("emrqa", raw, tmp_path)
+  assert summary["records"] == {"test": 1, "train": 1}
+  assert summary["skipped"] == {"malformed_articles": 1, "malformed_questions": 2,
+                                "notes_without_questions": 2, "questions_without_evidence": 4}
+  assert re.search(message, caplog.text)
+  assert "article 'relations': no list field paragraphs" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,12 +13,26 @@ the paper's SQuAD version, where the answer is the line holding the concept. An 
 looked for from the start of its ``answer_start`` line, then anywhere in the note; one found
 nowhere is an error. Questions without any evidence line are left out and counted. The split unit
 is the note.
+
+Complex answers (``answer_entity_type: "complex"``, e.g. a medication with its dosage) carry lists:
+``text`` and ``evidence`` one entry per part, ``evidence_start`` the parts' lines (and
+``answer_start`` their ``[lines, tokens]``). Each distinct evidence line of the parts becomes a
+SQuAD answer of its own, in order, as emrQA's ``combine_data/squad_format.py`` prepares them: the
+parts are not joined, since their lines need not be adjacent and a SQuAD answer is one span of the
+context (the first answer, the gold, is the first part's line).
+
+One malformed question, note or article does not stop the conversion: it is logged (file, note
+id, question, field at fault), left out and counted in the summary (``malformed_questions``,
+``malformed_notes``, ``malformed_articles``). Only a file that is not emrQA's layout at all stops it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from absl import logging
 
 from medllama_jax.eval.raw.common import Portion, Record, RawFormatError, read_text
 
@@ -31,25 +45,76 @@ def _lines(path: str, where: str, context: Any) -> list[str]:
   raise RawFormatError(path, where, "field context is neither text nor a list of lines")
 
 
-def _answer(path: str, where: str, context: str, line_starts: list[int],
-            answer: Any) -> dict[str, Any] | None:
-  """The SQuAD answer (evidence line, offset) of one emrQA answer; None if it has no evidence."""
-  if not isinstance(answer, dict) or not isinstance(answer.get("evidence", ""), str):
-    raise RawFormatError(path, where, "an answer whose field evidence is not text")
-  evidence = answer.get("evidence", "").strip()
-  if not evidence:
-    return None
-  start = answer.get("answer_start")
-  if not (isinstance(start, list) and start and isinstance(start[0], int)):
-    raise RawFormatError(path, where, f"field answer_start {start!r} is not [line, token]")
-  if not 1 <= start[0] <= len(line_starts):
-    raise RawFormatError(path, where, f"answer_start line {start[0]} outside the note's "
+def _evidence_answer(path: str, where: str, context: str, line_starts: list[int], evidence: str,
+                     field: str, line: Any) -> dict[str, Any]:
+  """The SQuAD answer of one evidence line that ``field`` places at note line ``line`` (from 1)."""
+  if not isinstance(line, int):
+    raise RawFormatError(path, where, f"field {field}: line {line!r} is not an integer")
+  if not 1 <= line <= len(line_starts):
+    raise RawFormatError(path, where, f"{field} line {line} outside the note's "
                          f"{len(line_starts)} lines")
-  offset = context.find(evidence, line_starts[start[0] - 1])
+  offset = context.find(evidence, line_starts[line - 1])
   offset = offset if offset >= 0 else context.find(evidence)
   if offset < 0:
     raise RawFormatError(path, where, "field evidence does not occur in the note")
   return {"text": evidence, "answer_start": offset}
+
+
+def _complex_lines(path: str, where: str, answer: Mapping[str, Any],
+                   parts: Sequence[Any]) -> tuple[str, list[Any]]:
+  """The field and note line of each part of a complex answer: ``evidence_start`` (what emrQA's
+  own SQuAD preparation reads), else the lines of ``answer_start`` (``[lines, tokens]``)."""
+  start = answer.get("answer_start")
+  start_lines = start[0] if isinstance(start, list) and start else None
+  for field, lines in (("evidence_start", answer.get("evidence_start")),
+                       ("answer_start", start_lines)):
+    if isinstance(lines, list) and len(lines) == len(parts):
+      return field, lines
+  raise RawFormatError(path, where, f"a complex answer's evidence_start (or answer_start lines) "
+                       f"does not give a line for each of its {len(parts)} evidence parts")
+
+
+def _answers(path: str, where: str, context: str, line_starts: list[int],
+             answer: Any) -> list[dict[str, Any]]:
+  """The SQuAD answers (evidence line, offset) of one emrQA answer: one for a single answer, one
+  per part for a complex one, none without evidence."""
+  evidence = answer.get("evidence", "") if isinstance(answer, dict) else None
+  if isinstance(evidence, list) and all(isinstance(part, str) for part in evidence):
+    field, lines = _complex_lines(path, where, answer, evidence)
+    return [_evidence_answer(path, where, context, line_starts, part.strip(), field, line)
+            for part, line in zip(evidence, lines) if part.strip()]
+  if not isinstance(evidence, str):
+    raise RawFormatError(path, where, "an answer whose field evidence is neither text nor a list "
+                         "of texts")
+  if not evidence.strip():
+    return []
+  start = answer.get("answer_start")
+  if not (isinstance(start, list) and start and isinstance(start[0], int)):
+    raise RawFormatError(path, where, f"field answer_start {start!r} is not [line, token]")
+  return [_evidence_answer(path, where, context, line_starts, evidence.strip(), "answer_start",
+                           start[0])]
+
+
+def _skip(portion: Portion, piece: str, error: RawFormatError) -> None:
+  """Leaves a malformed ``piece`` (question, note, article) out: logged with where it is and what
+  is wrong, counted as ``malformed_{piece}s``."""
+  logging.warning("emrQA: malformed %s left out: %s", piece, error)
+  portion.skipped[f"malformed_{piece}s"] += 1
+
+
+def _question(path: str, at: str, context: str, line_starts: list[int],
+              qa: Any) -> tuple[str, list[dict[str, Any]]]:
+  """A question's first paraphrase and its distinct SQuAD answers, in order."""
+  question = qa.get("question") if isinstance(qa, dict) else None
+  question = question[0] if isinstance(question, list) and question else question
+  if not isinstance(question, str) or not isinstance(qa.get("answers"), list):
+    raise RawFormatError(path, at, "fields question (text or paraphrases) and answers needed")
+  answers: list[dict[str, Any]] = []
+  for answer in qa["answers"]:
+    for found in _answers(path, at, context, line_starts, answer):
+      if found not in answers:
+        answers.append(found)
+  return question, answers
 
 
 def _paragraph(path: str, title: str, index: int, paragraph: Any,
@@ -65,16 +130,11 @@ def _paragraph(path: str, title: str, index: int, paragraph: Any,
     line_starts.append(line_starts[-1] + len(line) + 1)
   qas = []
   for k, qa in enumerate(paragraph["qas"]):
-    at = f"{where}, question {k}"
-    question = qa.get("question") if isinstance(qa, dict) else None
-    question = question[0] if isinstance(question, list) and question else question
-    if not isinstance(question, str) or not isinstance(qa.get("answers"), list):
-      raise RawFormatError(path, at, "fields question (text or paraphrases) and answers needed")
-    answers = []
-    for answer in qa["answers"]:
-      found = _answer(path, at, context, line_starts, answer)
-      if found is not None and found not in answers:
-        answers.append(found)
+    try:
+      question, answers = _question(path, f"{where}, question {k}", context, line_starts, qa)
+    except RawFormatError as error:
+      _skip(portion, "question", error)
+      continue
     if answers:
       qas.append({"id": f"{title}:{note}:{k}", "question": question, "answers": answers})
     else:
@@ -83,6 +143,7 @@ def _paragraph(path: str, title: str, index: int, paragraph: Any,
 
 
 def read(path: str) -> Portion:
+  """The paragraph records of one emrQA json file; malformed pieces are left out and counted."""
   try:
     data = json.loads(read_text(path))
   except json.JSONDecodeError as e:
@@ -94,9 +155,15 @@ def read(path: str) -> Portion:
   for article in articles:
     title = str(article.get("title", "")) if isinstance(article, dict) else ""
     if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-      raise RawFormatError(path, f"article {title!r}", "no list field paragraphs")
+      _skip(portion, "article",
+            RawFormatError(path, f"article {title!r}", "no list field paragraphs"))
+      continue
     for index, paragraph in enumerate(article["paragraphs"]):
-      unit, record = _paragraph(path, title, index, paragraph, portion)
+      try:
+        unit, record = _paragraph(path, title, index, paragraph, portion)
+      except RawFormatError as error:
+        _skip(portion, "note", error)
+        continue
       if record["qas"]:
         portion.units.append((unit, record))
       else:
