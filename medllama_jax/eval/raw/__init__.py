@@ -6,7 +6,9 @@ once, locally (``scripts/prepare_mibe.py``); nothing here fetches anything. A re
 test portion is converted as it stands (``test_raw``); otherwise one input is split by a seeded
 draw of whole units (notes, abstracts, documents: see each module), so that the few-shot pool
 never holds a piece of a test item. Malformed input raises :class:`RawFormatError` naming the file,
-the place and the field; what a converter leaves out by design is counted in the summary.
+the place and the field, except where a converter can leave the damaged item out (emrQA's questions,
+notes and articles): it is then logged with the same details and counted in the summary, as is what a
+converter leaves out by design.
 """
 
 from __future__ import annotations
