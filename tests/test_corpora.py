@@ -133,6 +133,43 @@ def test_pmc_txt_from_tar_gz_and_folder(tmp_path):
   assert read("pmc_txt", folder) == expected
 
 
+def test_pmc_txt_bulk_package_markers_front_matter_references_and_retractions(tmp_path):
+  bulk = FIXTURES / "pmc_txt_bulk"
+  stem = "oa_comm_txt.PMC009xxxxxx.baseline.2025-06-26"
+  package = tmp_path / f"{stem}.tar.gz"
+  with tarfile.open(package, "w:gz") as tar:
+    tar.add(bulk / "PMC009xxxxxx", arcname="PMC009xxxxxx")
+  shutil.copy(bulk / f"{stem}.filelist.csv", tmp_path)
+  expected = [
+      Document("PMC009xxxxxx/PMC9000006.txt",
+               "Imaginary Fictobacter resistance in a made-up ward\n"
+               "1 Department of Invented Studies, Fictional University, Nowhere\n"
+               "Background: invented organisms resisted made-up drugs in a synthetic ward.\n"
+               "Results: resistance doubled within imaginary weeks.\n\n"
+               "Introduction\nFictional bacteria were first described in an invented study [1].\n\n"
+               "Conclusion\nNothing here is real.\n"),
+      Document("PMC009xxxxxx/PMC9000007.txt",
+               "Retraction: Imaginary Fictobacter growth in synthetic media\n\n"
+               "The invented journal retracts the made-up article at the fictional authors' request.\n"),
+  ]
+  assert read("pmc_txt", package) == expected + [
+      Rejected(str(package), "PMC009xxxxxx/PMC9000008.txt", "retracted")]
+  assert read("pmc_txt", bulk) == expected + [
+      Rejected(str(bulk), "PMC009xxxxxx/PMC9000008.txt", "retracted")]
+  stats = records.prepare("pmc_txt", [str(package)], str(tmp_path / "out"), num_shards=1,
+                          validation_fraction=0)
+  assert (stats["skipped"], stats["errors"], stats["records_written"]) == (
+      {"retracted": 1}, {}, {"train": 2})
+
+
+def test_pmc_txt_file_list_without_retracted_column_is_refused(tmp_path):
+  folder = tmp_path / "txt"
+  shutil.copytree(FIXTURES / "pmc_txt_bulk" / "PMC009xxxxxx", folder / "PMC009xxxxxx")
+  (folder / "filelist.csv").write_text("Article File,AccessionID\nPMC009xxxxxx/PMC9000006.txt,PMC9000006\n")
+  with pytest.raises(corpora.CorpusError, match=r"filelist\.csv: not a PMC file list \(no Retracted"):
+    read("pmc_txt", folder)
+
+
 def test_jsonl_pile_and_redpajama_lines_with_malformed_ones_reported():
   assert read("jsonl", JSONL) == [
       Document("pile_sample.jsonl:1",

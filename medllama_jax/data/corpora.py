@@ -310,14 +310,96 @@ def _inline_text(element: ET.Element) -> str:
 
 # PMC Open Access, plain text.
 
+_PMC_MARKER = re.compile(r"==== (Front|Body|Refs)")
+_FILE_LIST = ".filelist.csv"
+_FILE_LIST_COLUMNS = ("Article File", "Retracted")
+_PROSE_WORDS = 4  # Front lines with fewer words are ids, names, dates, keywords: not prose.
+_FRONT_METADATA = re.compile(r"©|copyright\b|\S*://", re.IGNORECASE)
+
+
 def read_pmc_txt(path: str) -> Iterator[Record]:
   """PMC plain-text articles (``.txt``; a file, a folder tree or a tar/zip package), id = the file's name.
 
-  A file that is not UTF-8 is rejected as ``not_utf8``.
+  The bulk packages (``oa_comm_txt.PMC009xxxxxx.baseline.<date>.tar.gz`` and the ``incr`` ones) hold
+  ``PMC009xxxxxx/PMC<n>.txt`` files that NCBI renders from the JATS XML, split by marker lines:
+  ``==== Front`` (journal and article metadata: journal ids and title, ISSN, publisher, article ids and
+  DOI, category, title, authors, affiliations, dates, licence, abstract, keywords), ``==== Body`` and,
+  when the article has references, ``==== Refs`` (retraction notices and other short items often have
+  none). Kept: the prose of the front (:func:`_front_prose`: title and abstract) and the body; the
+  markers and the references are left out. A file without a ``==== Body`` marker is taken whole.
+
+  Retractions: beside a package ``X.tar.gz`` NCBI publishes ``X.filelist.csv`` (columns ``Article File,
+  Article Citation, AccessionID, LastUpdated (YYYY-MM-DD HH:MM:SS), PMID, License, Retracted``); for a
+  folder, each ``filelist.csv`` or ``*.filelist.csv`` directly in it is read. Articles listed with
+  ``Retracted`` = ``yes`` are rejected as ``retracted`` (matched by file base name, as PMC ids are
+  unique). A file that is not UTF-8 is rejected as ``not_utf8``.
   """
+  retracted = _retracted_articles(path)
   for name, data in _files(path, (".txt",)):
     text = _utf8(data)
-    yield Document(name, text) if text is not None else Rejected(path, name, "not_utf8")
+    if text is None:
+      yield Rejected(path, name, "not_utf8")
+    elif posixpath.basename(name) in retracted:
+      yield Rejected(path, name, "retracted")
+    else:
+      yield Document(name, _pmc_article_text(text))
+
+
+def _file_lists(path: str) -> list[str]:
+  """The file lists that go with an input: ``X.filelist.csv`` beside package ``X``, or those in a folder."""
+  if os.path.isdir(path):
+    return [os.path.join(path, name) for name in sorted(os.listdir(path))
+            if name == _FILE_LIST[1:] or name.endswith(_FILE_LIST)]
+  for suffix in (*_ARCHIVES, ".zip"):
+    if path.endswith(suffix):
+      candidate = path[:-len(suffix)] + _FILE_LIST
+      return [candidate] if os.path.isfile(candidate) else []
+  return []
+
+
+def _retracted_articles(path: str) -> frozenset[str]:
+  """Base names of the articles that the input's file lists mark ``Retracted`` = ``yes``."""
+  retracted = set()
+  for file_list in _file_lists(path):
+    with open(file_list, encoding="utf-8-sig", newline="") as f:
+      rows = csv.DictReader(f)
+      missing = [c for c in _FILE_LIST_COLUMNS if c not in (rows.fieldnames or [])]
+      if missing:
+        raise CorpusError(f"{file_list}: not a PMC file list (no {', '.join(missing)} column)")
+      retracted.update(posixpath.basename(row["Article File"].strip()) for row in rows
+                       if (row["Retracted"] or "").strip().lower() == "yes")
+  return frozenset(retracted)
+
+
+def _pmc_article_text(text: str) -> str:
+  """Front prose and body of a marked-up article; the text unchanged when it has no ``==== Body``."""
+  sections: dict[str, list[str]] = {}
+  current: list[str] = []
+  for line in text.splitlines(keepends=True):
+    marker = _PMC_MARKER.fullmatch(line.strip())
+    if marker:
+      current = sections.setdefault(marker.group(1), [])
+    else:
+      current.append(line)
+  if "Body" not in sections:
+    return text
+  front = _front_prose(sections.get("Front", []))
+  return "\n\n".join(filter(None, [front, "".join(sections["Body"]).strip("\n")])) + "\n"
+
+
+def _front_prose(lines: list[str]) -> str:
+  """The title and abstract lines of a front section, one paragraph.
+
+  The journal block (ids, title, ISSN, publisher) runs to the first blank line and is dropped whole.
+  After it, lines of fewer than :data:`_PROSE_WORDS` words (ids, DOIs, the category, author names,
+  dates, keywords) and copyright and licence lines are dropped. A line of metadata written as a phrase
+  (an affiliation, a funding statement) stays: the front has no other markup to tell it apart.
+  """
+  blank = next((i for i, line in enumerate(lines) if not line.strip()), None)
+  article = lines[blank + 1:] if blank is not None else lines
+  kept = [line.strip() for line in article
+          if len(line.split()) >= _PROSE_WORDS and not _FRONT_METADATA.match(line.strip())]
+  return "\n".join(kept)
 
 
 # JSON lines: the Pile, RedPajama.
