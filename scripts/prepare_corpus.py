@@ -2,11 +2,13 @@
 
   python scripts/prepare_corpus.py --format pubmed_xml --input 'raw/pubmed25n*.xml.gz' \\
       --out data/pubmed_abstracts [--num_shards 64] [--validation_fraction 0.001] [--min_chars 32] \\
-      [--overwrite] [--pile_set_name "PubMed Abstracts"] [--mimic_category "Discharge summary"]
+      [--max_errors 0.01] [--overwrite] [--pile_set_name "PubMed Abstracts"] \\
+      [--mimic_category "Discharge summary"]
 
 --input repeats and takes glob patterns. Prints the summary (stats.json) as JSON; exit status 1 with a
-one-line message on a missing input, a non-empty output folder or a bad option. See
-medllama_jax/data/records.py for the output format and medllama_jax/data/corpora.py for the readers.
+one-line message on a missing input, a non-empty output folder, a bad option or more damaged records
+than --max_errors allows. See medllama_jax/data/records.py for the output format and
+medllama_jax/data/corpora.py for the readers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--min_chars", type=int, default=32,
                       help="cleaned texts shorter than this are dropped, valid short documents too; "
                            "stats.json counts them as too_short (0 keeps every text)")
+  parser.add_argument("--max_errors", type=float,
+                      help="fail, writing nothing, when more records than this are damaged: a count "
+                           "(100) or a fraction of the records read (0.01); default: no limit, "
+                           "damaged records are reported by file and position and passed over")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace what an earlier run wrote in --out")
   parser.add_argument("--pile_set_name", action="append",
@@ -46,7 +52,8 @@ def _prepare(args: argparse.Namespace) -> int:
              if getattr(args, name) is not None}
   summary = records.prepare(args.format, args.input, args.out, num_shards=args.num_shards,
                             validation_fraction=args.validation_fraction,
-                            min_chars=args.min_chars, overwrite=args.overwrite, **options)
+                            min_chars=args.min_chars, overwrite=args.overwrite,
+                            max_errors=args.max_errors, **options)
   print(json.dumps(summary, indent=2))
   return 0
 

@@ -347,6 +347,7 @@ def test_prepare_mimic_iii_counts_shards_and_keeps_text_out_of_logs(tmp_path, ab
       "num_shards": 2,
       "validation_fraction": 0,
       "min_chars": 32,
+      "max_errors": None,
       "records_read": 4,
       "records_written": {"train": 2},
       "errors": {"wrong_field_count": 1},
@@ -400,6 +401,34 @@ def test_short_documents_are_counted_apart_and_help_says_so(tmp_path):
   help_text = " ".join(load_cli().build_parser().format_help().split())
   assert "--min_chars MIN_CHARS cleaned texts shorter than this are dropped, valid short documents " \
          "too; stats.json counts them as too_short (0 keeps every text)" in help_text
+
+
+def test_bad_records_and_unreadable_inputs_are_passed_over_up_to_max_errors(tmp_path, capsys):
+  source = tmp_path / "docs.jsonl"
+  lines = [json.dumps({"text": f"Invented document number {i:03d}, long enough."}) for i in range(9)]
+  source.write_text("\n".join(lines[:4] + ["{broken"] + lines[4:]) + "\n")
+  (tmp_path / "folder.jsonl").mkdir()
+  inputs = [str(tmp_path / "*.jsonl")]
+  stats = records.prepare("jsonl", inputs, str(tmp_path / "a"), num_shards=1, validation_fraction=0)
+  assert (stats["errors"], stats["records_written"]) == ({"bad_json": 1, "unreadable_file": 1},
+                                                         {"train": 9})
+  stats = records.prepare("jsonl", inputs, str(tmp_path / "b"), num_shards=1, validation_fraction=0,
+                          max_errors=0.2)
+  assert stats["max_errors"] == 0.2
+  for max_errors, match in [(1, r"2 of 11 records \(18\.18%\) > max_errors 1 \(bad_json 1, "
+                                r"unreadable_file 1; first: \S+docs\.jsonl at line 5\)"),
+                            (0.1, r"2 of 11 records \(18\.18%\) > max_errors 0\.1 ")]:
+    out = tmp_path / f"limit{max_errors}"
+    with pytest.raises(corpora.CorpusError, match=f"too many errors, nothing written: {match}"):
+      records.prepare("jsonl", inputs, str(out), num_shards=1, max_errors=max_errors)
+    assert os.listdir(out) == []
+  with pytest.raises(ValueError, match="max_errors must be a whole count"):
+    records.prepare("jsonl", inputs, str(tmp_path / "c"), max_errors=1.5)
+  cli = load_cli()
+  assert cli.main(["--format", "jsonl", "--input", inputs[0], "--out", str(tmp_path / "d"),
+                   "--max_errors", "0.01"]) == 1
+  last = capsys.readouterr().err.splitlines()[-1]
+  assert last.startswith("prepare_corpus: error: ") and "nothing written: 2 of 11 records" in last
 
 
 def test_prepare_round_robin_split_and_rerun(tmp_path):
@@ -485,6 +514,7 @@ def test_cli_end_to_end(tmp_path):
       "num_shards": 2,
       "validation_fraction": 0.0,
       "min_chars": 32,
+      "max_errors": None,
       "records_read": 2,
       "records_written": {"train": 2},
       "errors": {"no_abstract": 1, "no_pmid": 1},

@@ -13,8 +13,9 @@ Rejections never carry record text: the clinical corpora are credentialed data, 
 summaries is ids, file names, positions and reasons only.
 
 A reader never raises on one bad record. An error that ends a file early (a truncated or corrupt
-gzip, zstd, tar or zip stream; MEDLINE XML that is not well formed) is turned by :func:`read` into a
-final ``Rejected`` for the whole input (``truncated_file``, ``corrupt_file``, ``bad_xml``, at the
+gzip, zstd, tar or zip stream; MEDLINE XML that is not well formed; an input the system cannot read,
+such as a folder given to a one-file format) is turned by :func:`read` into a final ``Rejected`` for
+the whole input (``truncated_file``, ``corrupt_file``, ``bad_xml``, ``unreadable_file``, at the
 parser's line and column or "after N records"); the records already read from that file stand, and the
 run goes on with the next input, because one damaged file of a thousand PubMed updates should not cost
 the other 999. An input that cannot be read at all for want of software (``.zst`` without the optional
@@ -633,7 +634,7 @@ def check_options(format: str, options: Mapping[str, Any]) -> None:
 def _file_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that end one input early without stopping the run (see the module docstring)."""
   errors: tuple[type[BaseException], ...] = (
-      EOFError, gzip.BadGzipFile, zlib.error, tarfile.TarError, zipfile.BadZipFile, ET.ParseError)
+      EOFError, OSError, zlib.error, tarfile.TarError, zipfile.BadZipFile, ET.ParseError)
   zstandard = _zstandard()
   return errors + (zstandard.ZstdError,) if zstandard is not None else errors
 
@@ -643,6 +644,8 @@ def _file_error_reason(error: BaseException) -> str:
     return "truncated_file"
   if isinstance(error, ET.ParseError):
     return "bad_xml"
+  if isinstance(error, OSError) and not isinstance(error, gzip.BadGzipFile):
+    return "unreadable_file"
   return "corrupt_file"
 
 

@@ -150,12 +150,39 @@ class _Tally:
     self.skipped: collections.Counter[str] = collections.Counter()
     self.too_short = 0
     self.duplicates = 0
+    self.first_error: corpora.Rejected | None = None
     self._logged: collections.Counter[str] = collections.Counter()
 
+  @property
+  def seen(self) -> int:
+    """Every record met so far: documents, damaged records and skipped ones."""
+    return self.read + sum(self.errors.values()) + sum(self.skipped.values())
+
   def reject(self, record: corpora.Rejected) -> None:
-    counter = self.skipped if record.reason in corpora.SKIPPED_REASONS else self.errors
-    counter[record.reason] += 1
+    if record.reason in corpora.SKIPPED_REASONS:
+      self.skipped[record.reason] += 1
+    else:
+      self.errors[record.reason] += 1
+      self.first_error = self.first_error or record
     self._log(record)
+
+  def check_errors(self, max_errors: float | None, final: bool) -> None:
+    """Raises CorpusError, with a one-line summary, once the errors pass ``max_errors``.
+
+    A count is checked as errors come, to stop a hopeless run early; a fraction of the records seen
+    only at the end, as the first records of a run say little about the rest.
+    """
+    if max_errors is None or not (_is_count(max_errors) or final):
+      return
+    errors = sum(self.errors.values())
+    limit = max_errors if _is_count(max_errors) else max_errors * self.seen
+    if errors > limit:
+      reasons = ", ".join(f"{reason} {n}" for reason, n in self.errors.most_common())
+      first = self.first_error
+      raise corpora.CorpusError(
+          f"{self.label}: too many errors, nothing written: {errors} of {self.seen} records "
+          f"({errors / max(self.seen, 1):.2%}) > max_errors {max_errors:g} ({reasons}; first: "
+          f"{first.source} at {first.location})")
 
   def drop_short(self, record: corpora.Rejected) -> None:
     self.too_short += 1
@@ -174,6 +201,18 @@ class _Tally:
     logging.info("%s: %d records read, %d written, %d errors, %d skipped, %d too short, "
                  "%d duplicates", self.label, self.read, written, sum(self.errors.values()),
                  sum(self.skipped.values()), self.too_short, self.duplicates)
+
+
+def _is_count(max_errors: float) -> bool:
+  """``max_errors`` 0 or from 1 up is a number of errors; between 0 and 1, a fraction of the records."""
+  return max_errors == 0 or max_errors >= 1
+
+
+def check_max_errors(max_errors: float | None) -> None:
+  """Raises ValueError unless ``max_errors`` is None, a whole count, or a fraction in (0, 1)."""
+  if max_errors is not None and (max_errors < 0 or max_errors >= 1 and max_errors % 1):
+    raise ValueError(f"max_errors must be a whole count (0, 1, 2...) or a fraction between 0 and 1, "
+                     f"got {max_errors:g}")
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
@@ -222,17 +261,20 @@ def write_json(path: str, value: Any) -> None:
 
 def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int = 8,
             validation_fraction: float = 0.001, min_chars: int = 32, overwrite: bool = False,
-            **reader_options: Any) -> dict[str, Any]:
+            max_errors: float | None = None, **reader_options: Any) -> dict[str, Any]:
   """Reads ``inputs`` (paths or glob patterns) with the ``format`` reader and writes ``out_dir``.
 
   ``validation_fraction`` 0 writes no validation split. ``reader_options`` go to the reader (e.g.
-  ``pile_set_name``, ``mimic_category``). Returns the summary also written to ``stats.json``.
+  ``pile_set_name``, ``mimic_category``). Damaged records are counted and passed over; ``max_errors``
+  (a count, or a fraction of the records seen; None: no limit) turns too many of them into a
+  CorpusError, and then nothing is written. Returns the summary also written to ``stats.json``.
   Raises ValueError (bad settings or options), FileNotFoundError (an input pattern matches nothing),
   FileExistsError (``out_dir`` not empty and not ``overwrite``) before anything is written.
   """
   if num_shards < 1 or not 0 <= validation_fraction < 1 or min_chars < 0:
     raise ValueError(f"need num_shards >= 1, 0 <= validation_fraction < 1, min_chars >= 0; got "
                      f"{num_shards}, {validation_fraction}, {min_chars}")
+  check_max_errors(max_errors)
   corpora.check_options(format, reader_options)
   paths = expand_inputs(inputs)
   claim_out_dir(out_dir, overwrite)
@@ -245,6 +287,7 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
       for record in corpora.read(format, path, **reader_options):
         if isinstance(record, corpora.Rejected):
           tally.reject(record)
+          tally.check_errors(max_errors, final=False)
           continue
         tally.read += 1
         text = clean_text(record.text)
@@ -257,6 +300,7 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
           shards.write(split_of(record.id, validation_fraction), record.id, data)
         if tally.read % PROGRESS_EVERY == 0:
           tally.progress(sum(map(sum, shards.counts.values())))
+    tally.check_errors(max_errors, final=True)
   stats = {
       "format": format,
       "inputs": paths,
@@ -264,6 +308,7 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
       "num_shards": num_shards,
       "validation_fraction": validation_fraction,
       "min_chars": min_chars,
+      "max_errors": max_errors,
       "records_read": tally.read,
       "records_written": {split: sum(counts) for split, counts in shards.counts.items()},
       "errors": dict(sorted(tally.errors.items())),
