@@ -171,31 +171,66 @@ def test_ddi_pairs_become_marked_sentences_with_the_release_prompt(tmp_path):
   write(tmp_path / "Train" / "DrugBank" / "d1.xml", ddi_document("DDI-DrugBank.d1"))
   write(tmp_path / "Test" / "MedLine" / "d2.xml", ddi_document("DDI-MedLine.d2"))
   out, summary = convert("ddi", str(tmp_path / "Train"), tmp_path, test_raw=str(tmp_path / "Test"))
-  assert summary["records"] == {"test": 3, "train": 3}
+  assert summary["records"] == {"test": 1, "train": 1}
+  assert summary["skipped"] == {"discontinuous_pairs": 4}
   records = datasets.read_records("ddi", out)
   assert [(r["sentence"], r["gold"]) for r in records] == [
-      ("@DRUG$ raises plasma levels of @DRUG$ and of oral triazolam.", "DDI-mechanism"),
-      ("@DRUG$ raises plasma levels of midazolam and of @DRUG$.", "DDI-mechanism"),
-      ("Ketoconazole raises plasma levels of @DRUG$ and of @DRUG$.", "DDI-false")]
-  [example, *_] = datasets.build_examples("ddi", out)
+      ("@DRUG$ raises plasma levels of @DRUG$ and of oral triazolam.", "DDI-mechanism")]
+  [example] = datasets.build_examples("ddi", out)
   assert example["inputs"] == DDI_RELEASE.format(
       "@DRUG$ raises plasma levels of @DRUG$ and of oral triazolam.")
   assert example["options"] == list(scorers.DDI_LABELS)
 
 
-@pytest.mark.parametrize("old,new,message", [
-    ('charOffset="37-45"', 'charOffset="37-95"', r"d1\.xml: entity DDI-DrugBank\.d1\.s0\.e1: "
-     r"charOffset 37-95 outside its sentence \(69 characters\)"),
-    ('charOffset="37-45"', 'charOffset="36-44"', r"entity DDI-DrugBank\.d1\.s0\.e1: field text "
-     "differs"),
-    ('ddi="true" type="mechanism"/>', 'ddi="true" type="synergy"/>',
+def test_ddi_release_files_with_nested_discontinuous_and_damaged_mentions(tmp_path, caplog):
+  corpus = FIXTURES / "DDICorpus"
+  out, summary = convert("ddi", str(corpus / "Train"), tmp_path,
+                         test_raw=str(corpus / "Test" / "Test for DDI Extraction task"))
+  assert summary["records"] == {"test": 2, "train": 5}
+  assert summary["skipped"] == {"discontinuous_pairs": 3, "malformed_pairs": 2}
+  pairs = [json.loads(line) for line in (pathlib.Path(out) / "train.jsonl").open()]
+  assert [(p["id"], p["sentence"], p["label"]) for p in pairs] == [
+      ("DDI-DrugBank.d1.s0.p0", "@DRUG$ raises plasma levels of @DRUG$ and of oral or intravenous "
+       "triazolam.", "DDI-mechanism"),
+      ("DDI-DrugBank.d1.s0.p2", "@DRUG$ raises plasma levels of midazolam and of oral or @DRUG$.",
+       "DDI-mechanism"),
+      ("DDI-DrugBank.d1.s1.p0", "@DRUG-DRUG$ lowers serum levels of ciprofloxacin.", "DDI-false"),
+      ("DDI-DrugBank.d1.s1.p1", "@DRUG$ gel lowers serum levels of @DRUG$.", "DDI-effect"),
+      ("DDI-DrugBank.d1.s4.p1", "Warfarin with aspirin increases bleeding risk; @DRUG$ and @DRUG$ "
+       "need monitoring.", "DDI-advise")]
+  assert [(r["sentence"], r["gold"]) for r in datasets.read_records("ddi", out)] == [
+      ("@DRUG$ may raise @DRUG$ levels.", "DDI-int"), ("@DRUG$ may raise @DRUG$.", "DDI-false")]
+  assert ("Ketoconazole_ddi.xml: pair DDI-DrugBank.d1.s4.p0: field type: label 'synergy' not in"
+          in caplog.text)
+  assert ("Cimetidine.xml: pair DDI-MedLine.d2.s0.p2: field e2 'DDI-MedLine.d2.s0.e9' is no entity "
+          "of sentence DDI-MedLine.d2.s0" in caplog.text)
+
+
+@pytest.mark.parametrize("old,new,malformed,message", [
+    ('charOffset="37-45"', 'charOffset="37-95"', 2, r"d1\.xml: pair DDI-DrugBank\.d1\.s0\.p0: "
+     r"field e2 names a malformed entity DDI-DrugBank\.d1\.s0\.e1: field charOffset 37-95 "
+     r"outside its sentence \(69 characters\)"),
+    ('charOffset="37-45"', 'charOffset="36-44"', 2, r"pair DDI-DrugBank\.d1\.s0\.p2: field e1 "
+     r"names a malformed entity DDI-DrugBank\.d1\.s0\.e1: field text differs"),
+    ('ddi="true" type="mechanism"/>', 'ddi="true" type="synergy"/>', 2,
      r"pair DDI-DrugBank\.d1\.s0\.p0: field type: label 'synergy' not in"),
-    ('<sentence id="DDI-DrugBank.d1.s1" origId="s1" text="No drugs here."/>', '<sentence>',
-     r"d1\.xml: line \d+, column \d+: not well-formed XML"),
 ])
-def test_ddi_malformed_input_is_named(tmp_path, old, new, message):
-  write(tmp_path / "raw" / "d1.xml", ddi_document("DDI-DrugBank.d1", **{old: new}))
-  with pytest.raises(RawFormatError, match=message):
+def test_ddi_malformed_pairs_are_reported_counted_and_left_out(tmp_path, caplog, old, new,
+                                                               malformed, message):
+  continuous = {'charOffset="54-57;59-67"': 'charOffset="54-67"'}
+  write(tmp_path / "raw" / "d1.xml", ddi_document("DDI-DrugBank.d1", **continuous, **{old: new}))
+  write(tmp_path / "raw" / "d2.xml", ddi_document("DDI-DrugBank.d2", **continuous))
+  _, summary = convert("ddi", str(tmp_path / "raw"), tmp_path)
+  assert sum(summary["records"].values()) == 6 - malformed
+  assert summary["skipped"] == {"malformed_pairs": malformed}
+  assert re.search(message, caplog.text)
+
+
+def test_ddi_xml_that_is_not_well_formed_is_named(tmp_path):
+  write(tmp_path / "raw" / "d1.xml", ddi_document(
+      "DDI-DrugBank.d1", **{'<sentence id="DDI-DrugBank.d1.s1" origId="s1" text="No drugs here."/>':
+                            "<sentence>"}))
+  with pytest.raises(RawFormatError, match=r"d1\.xml: line \d+, column \d+: not well-formed XML"):
     convert("ddi", str(tmp_path / "raw"), tmp_path)
 
 

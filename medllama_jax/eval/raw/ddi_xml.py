@@ -3,14 +3,24 @@
 Each file is a ``<document>`` of ``<sentence id text>`` elements holding ``<entity id charOffset
 type text>`` (offsets into the sentence text, end inclusive; a discontinuous mention lists several
 ``a-b`` ranges joined by ``;``) and ``<pair id e1 e2 ddi="true|false" type>`` (type mechanism,
-effect, advise or int when ddi is true).
+effect, advise or int when ddi is true). Mentions may nest or overlap.
 
 Records: ``{"id": pair id, "sentence", "label"}``: the label is ``DDI-<type>`` or ``DDI-false``;
 the sentence has the pair's two mentions replaced by ``@DRUG$``, as the release's prompt describes
-its input ("a sentence where the drug is labeled as @DRUG$"); other drug mentions stay as written.
-A mention with several ranges is replaced from its first character to its last. Every ``.xml``
-under the given folder is read (the release's ``Train/`` or ``Test/...`` folders, DrugBank and
-MedLine alike); the split unit is the document.
+its input ("a sentence where the drug is labeled as @DRUG$") and as BLUE's ``create_ddi_bert.py``
+writes them; other drug mentions stay as written. Two mentions that overlap or touch become one
+``@DRUG-DRUG$`` covering both, BLUE's rule for them (its published TSV uses that marker). A pair
+with a discontinuous mention is left out and counted (``discontinuous_pairs``): its mention is no
+span of the text to replace. BLUE's script reads only such a mention's first range and keeps the
+pair, so BLUE's files hold a few pairs this reader leaves out. Every ``.xml`` under the given folder
+is read (the release's ``Train/`` or ``Test/...`` folders, DrugBank and MedLine alike); the split
+unit is the document.
+
+A malformed entity, pair or sentence (an offset outside its sentence, a mention text that differs
+from the sentence at its offset, an unknown label, a pair naming no entity of its sentence) does
+not stop the conversion: it is logged with the file, the element id and the field, and its pairs
+are left out and counted (``malformed_pairs``, ``malformed_sentences``). Only a file that is not
+well-formed XML stops it.
 """
 
 from __future__ import annotations
@@ -18,29 +28,42 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
+from absl import logging
+
 from medllama_jax.eval import scorers
 from medllama_jax.eval.raw.common import Portion, RawFormatError
 
 DRUG_MARK = "@DRUG$"
+OVERLAP_MARK = "@DRUG-DRUG$"
 _TYPES = tuple(label.removeprefix("DDI-") for label in scorers.DDI_LABELS if label != "DDI-false")
 
+# A mention's [start, end) ranges in its sentence, or what makes it unusable.
+Mention = list[tuple[int, int]] | str
 
-def _span(path: str, entity: ET.Element, text: str) -> tuple[int, int]:
-  """The entity's [start, end) in the sentence text, checked against the text's length."""
+
+def _ranges(entity: ET.Element, text: str) -> list[tuple[int, int]]:
+  """The entity's [start, end) ranges, checked against the sentence text and its text field;
+  a ValueError names the entity and the field at fault."""
   where = f"entity {entity.get('id')}"
+  offset = entity.get("charOffset")
   try:
-    ranges = [tuple(int(x) for x in piece.split("-")) for piece in
-              entity.attrib["charOffset"].split(";")]
-  except (KeyError, ValueError):
-    raise RawFormatError(path, where, f"field charOffset {entity.get('charOffset')!r} is not "
-                         "a-b[;c-d]") from None
-  start, end = ranges[0][0], ranges[-1][-1] + 1
+    ranges = [tuple(int(x) for x in piece.split("-")) for piece in (offset or "").split(";")]
+  except ValueError:
+    raise ValueError(f"{where}: field charOffset {offset!r} is not a-b[;c-d]") from None
   if any(len(r) != 2 or not 0 <= r[0] <= r[1] < len(text) for r in ranges):
-    raise RawFormatError(path, where, f"charOffset {entity.attrib['charOffset']} outside its "
-                         f"sentence ({len(text)} characters)")
-  if len(ranges) == 1 and text[start:end] != entity.get("text"):
-    raise RawFormatError(path, where, "field text differs from the sentence at charOffset")
-  return start, end
+    raise ValueError(f"{where}: field charOffset {offset} outside its sentence "
+                     f"({len(text)} characters)")
+  if len(ranges) == 1 and text[ranges[0][0]:ranges[0][1] + 1] != entity.get("text"):
+    raise ValueError(f"{where}: field text differs from the sentence at charOffset")
+  return [(start, end + 1) for start, end in ranges]
+
+
+def _mention(entity: ET.Element, text: str) -> Mention:
+  """An entity's ranges, or its fault: only the pairs that name it are lost."""
+  try:
+    return _ranges(entity, text)
+  except ValueError as error:
+    return str(error)
 
 
 def _label(path: str, pair: ET.Element) -> str:
@@ -56,6 +79,56 @@ def _label(path: str, pair: ET.Element) -> str:
   return f"DDI-{kind}"
 
 
+def mark(text: str, first: tuple[int, int], second: tuple[int, int]) -> str:
+  """The sentence with two [start, end) mentions replaced by markers; mentions that overlap or
+  touch (BLUE's test: one starts or ends within the other, ends included) become one marker."""
+  (s1, e1), (s2, e2) = sorted([first, second])
+  if s2 <= e1:
+    return f"{text[:s1]}{OVERLAP_MARK}{text[max(e1, e2):]}"
+  return f"{text[:s1]}{DRUG_MARK}{text[e1:s2]}{DRUG_MARK}{text[e2:]}"
+
+
+def _pair_mentions(path: str, sentence: ET.Element, pair: ET.Element,
+                   mentions: dict[str | None, Mention]) -> list[list[tuple[int, int]]]:
+  """The pair's two mentions; an error when a field names no entity or a usable one."""
+  found = []
+  for field in ("e1", "e2"):
+    mention = mentions.get(pair.get(field))
+    if mention is None:
+      raise RawFormatError(path, f"pair {pair.get('id')}", f"field {field} {pair.get(field)!r} "
+                           f"is no entity of sentence {sentence.get('id')}")
+    if isinstance(mention, str):
+      raise RawFormatError(path, f"pair {pair.get('id')}", f"field {field} names a malformed "
+                           f"{mention}")
+    found.append(mention)
+  return found
+
+
+def _read_sentence(path: str, unit: str, sentence: ET.Element, portion: Portion) -> None:
+  text = sentence.get("text")
+  if text is None:
+    pairs = len(sentence.findall("pair"))
+    logging.warning("DDI: malformed sentence left out with its %d pair(s): %s", pairs,
+                    RawFormatError(path, f"sentence {sentence.get('id')}", "no field text"))
+    portion.skipped["malformed_sentences"] += 1
+    return
+  mentions = {entity.get("id"): _mention(entity, text) for entity in sentence.iter("entity")}
+  for pair in sentence.iter("pair"):
+    try:
+      first, second = _pair_mentions(path, sentence, pair, mentions)
+      label = _label(path, pair)
+    except RawFormatError as error:
+      logging.warning("DDI: malformed pair left out: %s", error)
+      portion.skipped["malformed_pairs"] += 1
+      continue
+    if len(first) > 1 or len(second) > 1:
+      logging.info("DDI: %s: pair %s left out: a discontinuous mention", path, pair.get("id"))
+      portion.skipped["discontinuous_pairs"] += 1
+      continue
+    portion.units.append((unit, {"id": pair.get("id"), "sentence": mark(text, first[0], second[0]),
+                                 "label": label}))
+
+
 def _read_document(path: str, portion: Portion) -> None:
   try:
     document = ET.parse(path).getroot()
@@ -64,25 +137,11 @@ def _read_document(path: str, portion: Portion) -> None:
                          "not well-formed XML") from None
   unit = document.get("id") or os.path.basename(path)
   for sentence in document.iter("sentence"):
-    text = sentence.get("text")
-    if text is None:
-      raise RawFormatError(path, f"sentence {sentence.get('id')}", "no text attribute")
-    spans = {entity.get("id"): _span(path, entity, text) for entity in sentence.iter("entity")}
-    for pair in sentence.iter("pair"):
-      where = f"pair {pair.get('id')}"
-      missing = [pair.get(k) for k in ("e1", "e2") if pair.get(k) not in spans]
-      if missing:
-        raise RawFormatError(path, where, f"fields e1/e2 name {missing}, not an entity of "
-                             f"sentence {sentence.get('id')}")
-      (s1, e1), (s2, e2) = sorted([spans[pair.get("e1")], spans[pair.get("e2")]])
-      if s2 < e1:
-        raise RawFormatError(path, where, "its two mentions overlap")
-      marked = f"{text[:s1]}{DRUG_MARK}{text[e1:s2]}{DRUG_MARK}{text[e2:]}"
-      portion.units.append((unit, {"id": pair.get("id"), "sentence": marked,
-                                   "label": _label(path, pair)}))
+    _read_sentence(path, unit, sentence, portion)
 
 
 def read(folder: str) -> Portion:
+  """The pair records of every ``.xml`` under ``folder``; damaged pairs are left out and counted."""
   if not os.path.isdir(folder):
     raise RawFormatError(folder, "", "expected a folder of DDI corpus .xml files")
   portion = Portion()
