@@ -234,6 +234,56 @@ def test_ddi_xml_that_is_not_well_formed_is_named(tmp_path):
     convert("ddi", str(tmp_path / "raw"), tmp_path)
 
 
+BLUE_DDI = FIXTURES / "blue" / "ddi2013-type"
+
+
+def tsv_ids(path: pathlib.Path) -> list[str]:
+  """The first column of a TSV file, header left out."""
+  return [line.split("\t")[0] for line in path.read_text().splitlines()[1:]]
+
+
+def test_ddi_blue_tsv_is_read_beside_the_xml_release(tmp_path):
+  out, summary = convert("ddi", str(BLUE_DDI / "train.tsv"), tmp_path,
+                         test_raw=str(BLUE_DDI / "test.tsv"))
+  assert summary["records"] == {"test": 2, "train": 5} and summary["skipped"] == {}
+  assert [(r["sentence"], r["gold"]) for r in datasets.read_records("ddi", out)] == [
+      ("@DRUG$ may raise @DRUG$ levels.", "DDI-int"), ("@DRUG$ may raise @DRUG$.", "DDI-false")]
+  shots = datasets.read_records("ddi", out, shots=True)
+  assert [r["gold"] for r in shots] == ["DDI-mechanism", "DDI-mechanism", "DDI-false",
+                                        "DDI-advise", "DDI-effect"]
+  assert shots[3]["sentence"] == 'The label says "avoid @DRUG$ with @DRUG$".'
+
+
+def test_ddi_blue_tsv_split_keeps_documents_whole(tmp_path):
+  out, _ = convert("ddi", str(BLUE_DDI / "train.tsv"), tmp_path, seed=1, test_fraction=0.5)
+  test = [json.loads(line)["id"] for line in (pathlib.Path(out) / "test.jsonl").open()]
+  train = [json.loads(line)["id"] for line in (pathlib.Path(out) / "train.jsonl").open()]
+  documents = {pair_id.rsplit(".", 2)[0] for pair_id in test}
+  assert len(documents) == 1 and not any(i.rsplit(".", 2)[0] in documents for i in train)
+  assert sorted(test + train) == sorted(tsv_ids(BLUE_DDI / "train.tsv"))
+
+
+def test_ddi_blue_tsv_malformed_rows_are_reported_counted_and_left_out(tmp_path, caplog):
+  rows = BLUE_DDI.joinpath("train.tsv").read_text() + (
+      "DDI-MedLine.d4.s0.p0\t@DRUG$ and @DRUG$ combined.\tDDI-synergy\n"
+      "DDI-MedLine.d4.s0.p1\tNo marker here.\tDDI-false\n"
+      "DDI-MedLine.d4.s0.p2\t@DRUG$ alone.\n")
+  raw = write(tmp_path / "train.tsv", rows)
+  _, summary = convert("ddi", raw, tmp_path)
+  assert summary["skipped"] == {"malformed_rows": 3}
+  assert sum(summary["records"].values()) == 5
+  assert "train.tsv: line 7, pair DDI-MedLine.d4.s0.p0: field label: 'DDI-synergy' not in" in (
+      caplog.text)
+  assert "line 8, pair DDI-MedLine.d4.s0.p1: field sentence holds neither two @DRUG$" in caplog.text
+  assert "line 9: 2 fields, expected 3 (index, sentence, label)" in caplog.text
+
+
+def test_ddi_blue_tsv_with_another_header_is_refused(tmp_path):
+  raw = write(tmp_path / "train.tsv", "id\tsentence\tlabel\nx\t@DRUG$ @DRUG$\tDDI-false\n")
+  with pytest.raises(RawFormatError, match=r"train\.tsv: line 1: header .* is not BLUE's"):
+    convert("ddi", raw, tmp_path)
+
+
 # --------------------------------------------------------------------------------------------------
 # Hallmarks of Cancer.
 

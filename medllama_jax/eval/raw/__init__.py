@@ -23,7 +23,7 @@ from typing import Any
 from absl import logging
 
 from medllama_jax.eval import datasets
-from medllama_jax.eval.raw import bionli, ddi_xml, emrqa, hoc, mimic_cxr, mtsamples, n2c2_concepts
+from medllama_jax.eval.raw import bionli, ddi, emrqa, hoc, mimic_cxr, mtsamples, n2c2_concepts
 from medllama_jax.eval.raw.common import (Portion, RawFormatError, Writer, split_units,
                                           write_csv, write_jsonl, write_squad)
 
@@ -44,7 +44,8 @@ class Converter:
 CONVERTERS: dict[str, Converter] = {
     "i2b2": Converter(n2c2_concepts.read, write_jsonl,
                       "a folder holding the n2c2 2010 .txt notes and their .con files"),
-    "ddi": Converter(ddi_xml.read, write_jsonl, "a folder of DDI 2013 corpus .xml files"),
+    "ddi": Converter(ddi.read, write_jsonl, "a folder of DDI 2013 corpus .xml files, or BLUE's "
+                     "ddi2013-type train.tsv/dev.tsv/test.tsv"),
     "hoc": Converter(hoc.read, write_jsonl, "the Hallmarks-of-Cancer folder (text/, labels/)"),
     "emrqa": Converter(emrqa.read, write_squad, "emrQA's generated data.json"),
     "mtsample": Converter(mtsamples.read, write_csv, "Kaggle's mtsamples.csv"),
