@@ -549,15 +549,17 @@ def _csv_rows(lines: Iterator[tuple[int, str]], row_start: re.Pattern[str],
   """
   pending: list[str] = []
   first = 0
+  open_quote = False  # Quotes so far are odd in number: a quoted field is open.
   for number, line in lines:
     if pending and row_start.match(line) and _fields_on_line(line) == width:
       yield _CsvRow(first, None, "unterminated_quote")
       pending = []
     if not pending:
-      first = number
+      first, open_quote = number, False
     pending.append(line)
-    record = "".join(pending)
-    if record.count('"') % 2 == 0:
+    open_quote ^= line.count('"') % 2 == 1
+    if not open_quote:
+      record = "".join(pending)
       pending = []
       if record.strip():
         fields = _parse_csv_record(record)
