@@ -325,6 +325,52 @@ def test_hoc_malformed_labels_are_named(tmp_path, labels, message):
     convert("hoc", str(tmp_path / "raw"), tmp_path)
 
 
+BLUE_HOC = FIXTURES / "blue" / "hoc"
+
+
+def test_hoc_blue_tsv_sentences_become_abstracts_with_their_labels_union(tmp_path):
+  out, summary = convert("hoc", str(BLUE_HOC / "train.tsv"), tmp_path,
+                         test_raw=str(BLUE_HOC / "test.tsv"))
+  assert summary["records"] == {"test": 2, "train": 3} and summary["skipped"] == {}
+  assert [(r["text"], r["gold"]) for r in datasets.read_records("hoc", out)] == [
+      ("Immune cells failed to clear the tumour . Inflammation fed proliferative signals .",
+       ["sustaining proliferative signaling", "tumor promoting inflammation",
+        "avoiding immune destruction"]),
+      ("A plain sentence .", [])]
+  pool = [json.loads(line) for line in (pathlib.Path(out) / "train.jsonl").open()]
+  assert pool == [
+      {"id": "1001", "text": "Tumour cells escaped apoptosis . Nothing else was seen . New vessels "
+       "grew around the tumour .", "labels": ["resisting cell death", "inducing angiogenesis"]},
+      {"id": "1002", "text": "Mutations accumulated in the genome .",
+       "labels": ["genomic instability and mutation"]},
+      {"id": "1003", "text": "The cells were starved . Glycolysis rose sharply .",
+       "labels": ["cellular energetics"]}]
+
+
+def test_hoc_blue_tsv_orders_sentences_and_reports_malformed_rows(tmp_path, caplog):
+  rows = [line for line in BLUE_HOC.joinpath("train.tsv").read_text().splitlines(keepends=True)]
+  rows[1:4] = [rows[3], rows[1], rows[2]]
+  rows += ["0_1,1_0\tOdd labels .\t1004_s0\n", "0_0,1_1\tAnd fine .\t1004_s1\n",
+           "0_1,12_1\tBad label .\t1005_s0\n", "0_0\tNo index .\n"]
+  raw = write(tmp_path / "train.tsv", "".join(rows))
+  out, summary = convert("hoc", raw, tmp_path, test_fraction=0.5)
+  assert summary["skipped"] == {"malformed_abstracts": 1, "malformed_rows": 1}
+  records = datasets.read_records("hoc", out) + datasets.read_records("hoc", out, shots=True)
+  assert {r["text"] for r in records} == {
+      "Tumour cells escaped apoptosis . Nothing else was seen . New vessels grew around the "
+      "tumour .", "Mutations accumulated in the genome .",
+      "The cells were starved . Glycolysis rose sharply .", "Odd labels . And fine ."}
+  assert ("train.tsv: line 10, sentence 1005_s0: field labels: '12_1' is not i_0 or i_1 with i "
+          "below 10" in caplog.text)
+  assert "train.tsv: line 11: not 3 fields, or field index not PMID_sN" in caplog.text
+
+
+def test_hoc_blue_tsv_with_another_header_is_refused(tmp_path):
+  raw = write(tmp_path / "test.tsv", "index\tsentence1\tsentence2\tlabel\n")
+  with pytest.raises(RawFormatError, match=r"test\.tsv: line 1: header .* does not name BLUE's"):
+    convert("hoc", raw, tmp_path)
+
+
 # --------------------------------------------------------------------------------------------------
 # emrQA.
 

@@ -46,7 +46,8 @@ CONVERTERS: dict[str, Converter] = {
                       "a folder holding the n2c2 2010 .txt notes and their .con files"),
     "ddi": Converter(ddi.read, write_jsonl, "a folder of DDI 2013 corpus .xml files, or BLUE's "
                      "ddi2013-type train.tsv/dev.tsv/test.tsv"),
-    "hoc": Converter(hoc.read, write_jsonl, "the Hallmarks-of-Cancer folder (text/, labels/)"),
+    "hoc": Converter(hoc.read, write_jsonl, "the Hallmarks-of-Cancer folder (text/, labels/), or "
+                     "BLUE's hoc train.tsv/dev.tsv/test.tsv"),
     "emrqa": Converter(emrqa.read, write_squad, "emrQA's generated data.json"),
     "mtsample": Converter(mtsamples.read, write_csv, "Kaggle's mtsamples.csv"),
     "mimic_cxr": Converter(mimic_cxr.read, write_jsonl,
