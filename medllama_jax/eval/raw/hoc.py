@@ -1,8 +1,9 @@
 """Hallmarks of Cancer corpus → one record per abstract, from either public layout.
 
-The corpus's own release (github.com/sb895/Hallmarks-of-Cancer, a folder) has ``text/<PMID>.txt`` (one tokenised sentence a line) and ``labels/<PMID>.txt``: for
-each sentence, in order, a ``<`` followed by its labels, several joined by ``AND``, each a path in
-the hallmark taxonomy (``Resisting cell death--Apoptosis``); a sentence without a label has a blank.
+The corpus's own release (github.com/sb895/Hallmarks-of-Cancer, a folder) has ``text/<PMID>.txt``
+(one tokenised sentence a line) and ``labels/<PMID>.txt``: for each sentence, in order, a ``<``
+followed by its labels, several joined by ``AND``, each a path in the hallmark taxonomy
+(``Resisting cell death--Apoptosis``); a sentence without a label has a blank.
 
 Records: ``{"id": PMID, "text": the sentences joined by spaces, "labels": [...]}`` with the
 top-level hallmarks of any of its sentences, in ``scorers.HOC_LABELS`` order and spelling: the
