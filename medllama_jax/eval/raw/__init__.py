@@ -7,8 +7,8 @@ test portion is converted as it stands (``test_raw``); otherwise one input is sp
 draw of whole units (notes, abstracts, documents: see each module), so that the few-shot pool
 never holds a piece of a test item. Malformed input raises :class:`RawFormatError` naming the file,
 the place and the field, except where a converter can leave the damaged item out (emrQA's questions,
-notes and articles): it is then logged with the same details and counted in the summary, as is what a
-converter leaves out by design.
+notes and articles; DDI's pairs, sentences and TSV rows; HoC's TSV rows and abstracts): it is then
+logged with the same details and counted in the summary, as is what a converter leaves out by design.
 """
 
 from __future__ import annotations
