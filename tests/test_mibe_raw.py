@@ -524,7 +524,7 @@ def test_mimic_cxr_reports_become_findings_and_impression(tmp_path):
   assert report_sections(REPORT)["examination"] == "CHEST (PA AND LAT)"
 
 
-def test_bionli_rows_become_two_way_nli(tmp_path):
+def test_bionli_rows_become_two_way_nli(tmp_path, caplog):
   header = "pmid,supp_set,conclusion,label_cat\n"
   train = write(tmp_path / "train.csv", header + '1,"Gene X rose, then fell.",X rose.,pos\n'
                 "1,Gene X rose.,X fell.,SRE\n")
@@ -537,8 +537,9 @@ def test_bionli_rows_become_two_way_nli(tmp_path):
       ("Gene X rose, then fell.", "X rose.", "entailment"),
       ("Gene X rose.", "X fell.", "contradiction")]
   bad = write(tmp_path / "bad.csv", "supp_set,conclusion,label\nA.,B.,maybe\n")
-  with pytest.raises(RawFormatError, match=r"bad\.csv: row 1 \(line 2\): field label: 'maybe'"):
+  with pytest.raises(ValueError, match=r"bionli: no train records from .*bad\.csv"):
     convert("bionli", bad, tmp_path, test_raw=test, overwrite=True)
+  assert "bad.csv: row 1 (line 2): field label: 'maybe'" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,3 +633,47 @@ def test_pubmed_articles_without_text_are_skipped_and_logged(caplog):
   assert record["gold"] == "short sleep in night - shift nurses was linked to medication errors ."
   assert f"{path}: skipped 1 article(s) with an empty article_text: article_id PMC1000002" in (
       caplog.text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged items left out, logged and counted: MTSamples, BioNLI.
+
+def test_mtsamples_malformed_rows_are_reported_counted_and_left_out(tmp_path, caplog):
+  raw = write_mtsamples(tmp_path / "mtsamples.csv", [
+      ("Surgery", "PROCEDURE: Invented operation 1."), ("Urology", "HISTORY: Invented,\nstones."),
+      ("Neurology", "  "), ("Surgery", "PROCEDURE: Invented operation 2.")])
+  with open(raw, "a", encoding="utf-8", newline="") as f:
+    f.write('4,Invented., Surgery,Sample 4,"PROCEDURE: Invented "quoted" operation.",\n'
+            "5,Invented., Surgery,Sample 5\n"
+            '6,Invented., Urology,Sample 6,"PROCEDURE: Invented operation 6.",\n')
+  out, summary = convert("mtsample", raw, tmp_path)
+  assert summary["skipped"] == {"malformed_rows": 2, "rows_without_transcription": 1}
+  records = datasets.read_records("mtsample", out) + datasets.read_records("mtsample", out, True)
+  assert sorted(r["transcription"] for r in records) == [
+      "HISTORY: Invented,\nstones.", "PROCEDURE: Invented operation 1.",
+      "PROCEDURE: Invented operation 2.", "PROCEDURE: Invented operation 6."]
+  assert "mtsamples.csv: row 5 (line 7): CSV: ',' expected after '\"'" in caplog.text
+  assert "mtsamples.csv: row 6 (line 8): 4 fields, the header has 6" in caplog.text
+
+
+def test_bionli_malformed_rows_are_reported_counted_and_left_out(tmp_path, caplog):
+  raw = write(tmp_path / "train.csv", "pmid,supp_set,conclusion,label\n"
+              '1,"Gene X rose, then fell.",X rose.,pos\n'
+              "1,Gene X rose.,X fell.,neg\n"
+              "2,Drug Y lowered pressure.,Y lowers pressure.,maybe\n"
+              "3,,Z helps.,pos\n"
+              "4,Drug W calmed the cough.\n"
+              "5,Drug V cleared the rash.,V clears rashes.,entailment\n")
+  out, summary = convert("bionli", raw, tmp_path)
+  assert summary["skipped"] == {"malformed_rows": 3}
+  records = datasets.read_records("bionli", out) + datasets.read_records("bionli", out, True)
+  assert sorted(r["hypothesis"] for r in records) == ["V clears rashes.", "X fell.", "X rose."]
+  assert "train.csv: row 3 (line 4): field label: 'maybe' not in" in caplog.text
+  assert "train.csv: row 4 (line 5): field supp_set or conclusion is empty" in caplog.text
+  assert "train.csv: row 5 (line 6): 2 fields, the header has 4" in caplog.text
+
+
+def test_bionli_header_without_the_needed_columns_is_refused(tmp_path):
+  raw = write(tmp_path / "train.csv", "pmid,premise,conclusion,label\n1,A.,B.,pos\n")
+  with pytest.raises(RawFormatError, match=r"train\.csv: header: need columns supp_set"):
+    convert("bionli", raw, tmp_path)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TextIO
+
+from absl import logging
 
 Record = dict[str, Any]
 # A record and its split unit: the id of what must not be divided between test and few-shot pool
@@ -32,6 +35,13 @@ class Portion:
   units: list[Unit] = dataclasses.field(default_factory=list)
   skipped: Counter[str] = dataclasses.field(default_factory=Counter)
 
+  def leave_out(self, source: str, piece: str, error: RawFormatError) -> None:
+    """Leaves a malformed ``piece`` (row, note, report...) out rather than stop the conversion:
+    logged with the file, place and field at fault, counted as ``malformed_{piece}s``, so that one
+    damaged item costs itself and the summary still says what was lost."""
+    logging.warning("%s: malformed %s left out: %s", source, piece, error)
+    self.skipped[f"malformed_{piece}s"] += 1
+
 
 def read_text(path: str) -> str:
   """A UTF-8 text file; an undecodable byte is an error naming its offset."""
@@ -41,6 +51,47 @@ def read_text(path: str) -> str:
     return data.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise RawFormatError(path, f"byte {e.start}", "not UTF-8") from None
+
+
+# A CSV data row: its number (from 1), where it is ("row N (line L)"), and its fields by column
+# name, or what makes it unreadable.
+CsvRow = tuple[int, str, dict[str, str] | RawFormatError]
+
+
+def csv_rows(path: str, strict: bool = False) -> tuple[list[str], Iterator[CsvRow]]:
+  """The header of a CSV file and its data rows, one at a time; blank lines are passed over.
+
+  A row that does not parse (``strict``: a quote out of place) or has another number of fields
+  than the header comes as the error naming it, so that the caller can leave that row alone out:
+  the reader goes on at the next line.
+  """
+  reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=strict)
+  header = next(reader, [])
+
+  def rows() -> Iterator[CsvRow]:
+    number = 0
+    while True:
+      start = reader.line_num + 1
+      try:
+        fields = next(reader)
+      except StopIteration:
+        return
+      except csv.Error as e:
+        number += 1
+        where = f"row {number} (line {start})"
+        yield number, where, RawFormatError(path, where, f"CSV: {e}")
+        continue
+      if not fields:
+        continue
+      number += 1
+      where = f"row {number} (line {start})"
+      if len(fields) != len(header):
+        yield number, where, RawFormatError(path, where, f"{len(fields)} fields, the header has "
+                                            f"{len(header)}")
+      else:
+        yield number, where, dict(zip(header, fields))
+
+  return header, rows()
 
 
 def split_units(units: Sequence[Unit], seed: int, test_fraction: float,
