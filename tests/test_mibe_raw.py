@@ -128,11 +128,12 @@ def test_i2b2_notes_become_bio_sentences(tmp_path):
     ('c="chest pain" 1:3 1:4||t="problem"\nc="pain" 1:4 1:4||t="problem"',
      r"line 2: concept overlaps another on line 1"),
 ])
-def test_i2b2_malformed_concepts_are_named(tmp_path, line, message):
+def test_i2b2_malformed_concepts_are_named(tmp_path, caplog, line, message):
   write_i2b2(tmp_path / "raw", "record-1", line + "\n")
   write_i2b2(tmp_path / "raw", "record-2")
-  with pytest.raises(RawFormatError, match=message):
-    convert("i2b2", str(tmp_path / "raw"), tmp_path)
+  write_i2b2(tmp_path / "raw", "record-3")
+  convert("i2b2", str(tmp_path / "raw"), tmp_path)
+  assert re.search(message, caplog.text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -677,3 +678,25 @@ def test_bionli_header_without_the_needed_columns_is_refused(tmp_path):
   raw = write(tmp_path / "train.csv", "pmid,premise,conclusion,label\n1,A.,B.,pos\n")
   with pytest.raises(RawFormatError, match=r"train\.csv: header: need columns supp_set"):
     convert("bionli", raw, tmp_path)
+
+
+def test_i2b2_malformed_concepts_and_notes_are_reported_counted_and_left_out(tmp_path, caplog):
+  release = tmp_path / "concept_assertion_relation_training_data"
+  write_i2b2(release / "beth", "record-1")
+  write_i2b2(release / "beth", "record-2", CONCEPTS.replace('3:0 3:0||t="treatment"',
+                                                           '3:0 3:0||t="drug"'))
+  write_i2b2(release / "beth", "record-3", 'c="chest pain" 9:3 9:4||t="problem"\n' + CONCEPTS)
+  write(release / "beth" / "concept" / "record-4.con", CONCEPTS)
+  write_i2b2(release / "partners", "record-5")
+  write(release / "partners" / "txt" / "record-6.txt", NOTE)
+  out, summary = convert("i2b2", str(release), tmp_path)
+  assert summary["skipped"] == {"malformed_concepts": 1, "malformed_notes": 2,
+                                "notes_without_concepts": 1}
+  ids = [json.loads(line)["id"] for name in summary["files"].values()
+         for line in (pathlib.Path(out) / name).open()]
+  assert sorted(ids) == ["record-1:1", "record-1:3", "record-1:4",
+                                              "record-2:1", "record-2:4",
+                                              "record-5:1", "record-5:3", "record-5:4"]
+  assert "record-2.con: line 2: field t: label 'drug' not in" in caplog.text
+  assert "record-3.con: line 1: line 9 outside the note's 5 lines" in caplog.text
+  assert re.search(r"record-4\.con: no note record-4\.txt under", caplog.text)
