@@ -5,10 +5,12 @@ command line, and the release's prompt text to the character for the templates t
 from __future__ import annotations
 
 import csv
+import io
 import importlib.util
 import json
 import pathlib
 import re
+import tarfile
 
 import pytest
 
@@ -700,3 +702,37 @@ def test_i2b2_malformed_concepts_and_notes_are_reported_counted_and_left_out(tmp
   assert "record-2.con: line 2: field t: label 'drug' not in" in caplog.text
   assert "record-3.con: line 1: line 9 outside the note's 5 lines" in caplog.text
   assert re.search(r"record-4\.con: no note record-4\.txt under", caplog.text)
+
+
+def test_mimic_cxr_damaged_reports_are_reported_counted_and_left_out(tmp_path, caplog):
+  files = tmp_path / "files"
+  for k in range(3):
+    write(files / "p10" / f"p1000000{k}" / f"s5000000{k}.txt",
+          REPORT.replace("cough", f"cough {k}"))
+  without_findings = REPORT.split(" FINDINGS")[0] + REPORT.split("normal.\n")[1]
+  write(files / "p11" / "p11000000" / "s51000000.txt", without_findings)
+  (files / "p11" / "p11000001").mkdir(parents=True)
+  (files / "p11" / "p11000001" / "s51000001.txt").write_bytes(b" FINDINGS: Clear \xff.\n")
+  write(files / "p12" / "p12000000" / "s52000000.txt", "\n  \n")
+  out, summary = convert("mimic_cxr", str(files), tmp_path)
+  assert summary["records"] == {"test": 1, "train": 2}
+  assert summary["skipped"] == {"malformed_reports": 2, "no_findings": 1}
+  assert re.search(r"p11000001/s51000001\.txt: not UTF-8", caplog.text)
+  assert re.search(r"p12000000/s52000000\.txt: cxr:52000000: empty report", caplog.text)
+  assert "s51000000" not in {json.loads(line)["id"] for name in summary["files"].values()
+                             for line in (pathlib.Path(out) / name).open()}
+
+
+def test_mimic_cxr_package_that_ends_early_is_refused(tmp_path):
+  whole = io.BytesIO()
+  with tarfile.open(fileobj=whole, mode="w") as package:
+    for k in range(4):
+      data = REPORT.replace("cough", f"cough {k}").encode()
+      member = tarfile.TarInfo(f"files/p10/p1000000{k}/s5000000{k}.txt")
+      member.size = len(data)
+      package.addfile(member, io.BytesIO(data))
+  raw = tmp_path / "mimic-cxr-reports.tar"
+  raw.write_bytes(whole.getvalue()[:1024 + 512 + 10])  # Into the second report.
+  with pytest.raises(RawFormatError, match=r"mimic-cxr-reports\.tar: after 1 records: "
+                     r"(truncated|corrupt)_file: the input cannot be read past this point"):
+    convert("mimic_cxr", str(raw), tmp_path)

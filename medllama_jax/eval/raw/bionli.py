@@ -9,8 +9,8 @@ conclusion; a file may instead carry ``label`` as ``pos``/``neg`` or ``entailmen
 (``pmid`` when the file has it, else the row); the released test file can be given instead.
 
 A row with another number of fields than the header (or one the CSV reader rejects), an empty
-premise or hypothesis, or an unknown label is logged with its file, row, line and field, left out and counted
-(``malformed_rows``). Only a header without the columns above stops the conversion.
+premise or hypothesis, or an unknown label is logged with its file, row, line and field, left out
+and counted (``malformed_rows``). Only a header without the columns above stops the conversion.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ _NEEDED = ("medical_specialty", "transcription")
 
 
 def read(path: str) -> Portion:
-  """The rows of Kaggle's file that hold a transcription; malformed rows are left out and counted."""
+  """The rows of Kaggle's file that hold a transcription; malformed rows are left out, counted."""
   header, rows = csv_rows(path, strict=True)
   missing = [name for name in _NEEDED if name not in header]
   if missing:

@@ -88,7 +88,8 @@ def _tag_concept(con_path: str, where: str, match: re.Match[str], lines: list[li
 def _tag_note(con_path: str, lines: list[list[str]],
               portion: Portion) -> tuple[list[list[str]], set[int]]:
   """BIO tags for each line's tokens from the concepts of ``con_path``, and the note lines that a
-  malformed concept leaves out (their tags would miss it). A RawFormatError: the note is in doubt."""
+  malformed concept leaves out (their tags would miss it). A RawFormatError: the note is in
+  doubt."""
   tags = [["O"] * len(tokens) for tokens in lines]
   damaged: set[int] = set()
   for number, raw in enumerate(read_text(con_path).splitlines(), 1):
