@@ -51,8 +51,8 @@ def _files_by_stem(folder: str, suffix: str) -> dict[str, str]:
 
 
 def _placed(con_path: str, where: str, raw: str, note_lines: int) -> re.Match[str]:
-  """A concept line parsed, its lines checked against the note's: a concept that names no line of
-  the note cannot be told apart from the sentences it belongs to, so the note is in doubt."""
+  """A concept line parsed, its lines checked against the note's. A RawFormatError: the concept
+  names no line of the note, so which sentence lacks it is unknown and the whole note is in doubt."""
   match = _CONCEPT.fullmatch(raw.strip())
   if not match:
     raise RawFormatError(con_path, where, 'not a concept line c="..." L:T L:T||t="..."')
