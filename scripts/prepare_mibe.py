@@ -4,9 +4,13 @@
       --test_raw "DDICorpus/Test/Test for DDI Extraction task" --out mibe/ddi
   python scripts/prepare_mibe.py mtsample --raw mtsamples.csv --out mibe/mtsample \\
       [--seed 0] [--test_fraction 0.2] [--overwrite]
+  python scripts/prepare_mibe.py pubmedqa --release_parquet PubmedQA_test.parquet \\
+      --out mibe_release/pubmedqa
 
 Datasets and what --raw is: see medllama_jax/eval/raw/ (one module per release format). Without
---test_raw the records of --raw are split by a seeded draw. Prints the summary (also written to
+--test_raw the records of --raw are split by a seeded draw. --release_parquet makes the release's
+own test set (its parquet file, read by medllama_jax/eval/raw/release.py) the evaluation set, its
+queries the prompts; a --raw given with it is all few-shot pool. Prints the summary (also written to
 prepare_summary.json in --out); exit status 1 with a one-line message naming the file, place and
 field on malformed input, a missing input or files already in --out.
 """
@@ -20,15 +24,19 @@ from collections.abc import Sequence
 
 from medllama_jax.cli import console
 from medllama_jax.eval import raw
+from medllama_jax.eval.raw import release
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = console.make_parser("prepare_mibe", __doc__)
-  parser.add_argument("dataset", choices=sorted(raw.CONVERTERS))
-  parser.add_argument("--raw", required=True,
+  parser.add_argument("dataset", choices=sorted({*raw.CONVERTERS, *release.KINDS}))
+  parser.add_argument("--raw",
                       help="the release: " + "; ".join(f"{name}: {c.raw}"
                                                       for name, c in raw.CONVERTERS.items()))
   parser.add_argument("--test_raw", help="the release's own test portion, in the same format")
+  parser.add_argument("--release_parquet",
+                      help=f"{release.DESCRIPTION}: the evaluation set, instead of --test_raw "
+                           f"(datasets: {', '.join(release.KINDS)})")
   parser.add_argument("--out", required=True, help="the dataset's folder, DATA_DIR/DATASET")
   parser.add_argument("--seed", type=int, default=0, help="seed of the test/pool draw")
   parser.add_argument("--test_fraction", type=float, default=raw.DEFAULT_TEST_FRACTION,
@@ -38,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-  summary = raw.prepare(args.dataset, args.raw, args.out, test_raw=args.test_raw, seed=args.seed,
+  summary = raw.prepare(args.dataset, args.raw, args.out, test_raw=args.test_raw,
+                        release_parquet=args.release_parquet, seed=args.seed,
                         test_fraction=args.test_fraction, overwrite=args.overwrite)
   print(json.dumps(summary, indent=2))
   return 0

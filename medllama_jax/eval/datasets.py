@@ -53,6 +53,12 @@ preprocessed files are not public, so their record unit and preprocessing are ou
 * ``mmlu``: ``test/*_test.csv`` / ``dev/*_dev.csv``, Hendrycks et al.'s CSVs without a header
   (question, A, B, C, D, answer).
 
+The evaluation set may instead be the release's own test set: ``release_queries.jsonl``
+(:data:`RELEASE_QUERIES_FILE`), written by ``scripts/prepare_mibe.py DATASET --release_parquet``
+from the release's parquet file (``medllama_jax/eval/raw/release.py``), records ``{id, query,
+answer, gold}`` (and ``choices`` for multiple choice) whose ``query`` is the prompt, byte for byte.
+A folder holds one evaluation set: that file or the dataset's own test files, never both.
+
 Prompts: the ``release`` variant is the release's text. Its evaluation harness (an
 lm-evaluation-harness 0.3.0 fork) reads each example's ``query``, which the release's
 ``src/preprocess_instruct.py`` (BIDS-Xu-Lab/Me-LLaMA) builds from one template per dataset; the
@@ -91,6 +97,8 @@ from medllama_jax.eval import metrics, scorers
 
 Record = dict[str, Any]
 PROMPT_VARIANTS = ("release", "fixed")
+# The evaluation set taken from the release's own test file (module docstring).
+RELEASE_QUERIES_FILE = "release_queries.jsonl"
 # The seed the release draws few-shot examples with.
 DEFAULT_FEWSHOT_SEED = 1234
 
@@ -453,10 +461,22 @@ def get_spec(dataset: str) -> DatasetSpec:
 
 def dataset_files(dataset: str, dataset_dir: str, shots: bool = False) -> list[str]:
   """The files of the evaluation set (or the few-shot pool) in ``dataset_dir``; a clear error, with
-  where to get the data and where to put it, when there are none."""
+  where to get the data and where to put it, when there are none.
+
+  The evaluation set is ``RELEASE_QUERIES_FILE`` where the folder has it; beside the dataset's own
+  test files it is refused, since either could be the one meant.
+  """
   spec = get_spec(dataset)
   pattern = spec.shot_files if shots else spec.test_files
   files = sorted(os.fspath(p) for p in epath.Path(dataset_dir).glob(pattern))
+  release_queries = epath.Path(dataset_dir) / RELEASE_QUERIES_FILE
+  if not shots and release_queries.exists():
+    if files:
+      raise ValueError(
+          f"MIBE dataset {dataset!r}: {dataset_dir} holds two evaluation sets, the release's "
+          f"queries ({RELEASE_QUERIES_FILE}) and {', '.join(map(os.path.basename, files))}; keep "
+          "one (prepare the release's queries into a folder of their own)")
+    return [os.fspath(release_queries)]
   if not files:
     role = "few-shot pool (needed for k > 0 shots)" if shots else "evaluation set"
     raise FileNotFoundError(
@@ -469,7 +489,9 @@ def dataset_files(dataset: str, dataset_dir: str, shots: bool = False) -> list[s
 def read_records(dataset: str, dataset_dir: str, shots: bool = False) -> list[Record]:
   spec = get_spec(dataset)
   files = dataset_files(dataset, dataset_dir, shots)
-  records = [r for path in files for r in spec.read(path)]
+  records = [r for path in files
+             for r in (_read_jsonl(path) if os.path.basename(path) == RELEASE_QUERIES_FILE
+                       else spec.read(path))]
   if not records:
     raise ValueError(f"MIBE dataset {dataset!r}: no examples in {files}")
   return records
@@ -483,6 +505,15 @@ def _check_one_option_count(dataset: str, records: Sequence[Record]) -> None:
   if len(counts) > 1:
     raise ValueError(f"MIBE dataset {dataset!r}: the evaluation set mixes records with {counts} "
                      "options; keep the files of one release (5 or 4 options) in the folder")
+
+
+def _check_release_queries_variant(dataset: str, records: Sequence[Record], variant: str) -> None:
+  """The release's queries are its prompt text: evaluating them as another variant would report
+  release prompts under that variant's name."""
+  if variant != "release" and any("query" in r for r in records):
+    raise ValueError(f"MIBE dataset {dataset!r}: the evaluation set is the release's queries "
+                     f"({RELEASE_QUERIES_FILE}), which are the release prompt variant; the "
+                     f"{variant!r} variant needs the dataset's own test files")
 
 
 def with_answer(prompt: str, answer: str) -> str:
@@ -504,11 +535,13 @@ def build_examples(dataset: str, dataset_dir: str, num_shots: int = 0, variant: 
     raise ValueError(f"MIBE dataset {dataset!r}: {num_shots} shots asked, the pool has {len(pool)}")
   records = read_records(dataset, dataset_dir)
   _check_one_option_count(dataset, records)
+  _check_release_queries_variant(dataset, records, variant)
   examples = []
   for index, record in enumerate(records):
     shots = random.Random(f"{seed}:{index}").sample(pool, num_shots)
     demonstrations = [with_answer(spec.prompt(s, variant), s["answer"]) for s in shots]
-    prompt = "\n\n".join([*demonstrations, spec.prompt(record, variant)])
+    prompt = "\n\n".join([*demonstrations, record["query"] if "query" in record
+                           else spec.prompt(record, variant)])
     example = {"index": index, "inputs": prompt, "targets": record["answer"],
                "gold": json.dumps(record["gold"])}
     if spec.options:

@@ -14,6 +14,8 @@ logged with the same details and counted in the summary, as is what a converter 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import json
 import os
 from collections import Counter
@@ -23,7 +25,8 @@ from typing import Any
 from absl import logging
 
 from medllama_jax.eval import datasets
-from medllama_jax.eval.raw import bionli, ddi, emrqa, hoc, mimic_cxr, mtsamples, n2c2_concepts
+from medllama_jax.eval.raw import (bionli, ddi, emrqa, hoc, mimic_cxr, mtsamples, n2c2_concepts,
+                                   release)
 from medllama_jax.eval.raw.common import (Portion, RawFormatError, Writer, split_units,
                                           write_csv, write_jsonl, write_squad)
 
@@ -64,6 +67,15 @@ def _check_out_dir(out_dir: str, names: list[str], overwrite: bool) -> None:
   os.makedirs(out_dir, exist_ok=True)
 
 
+def _check_one_evaluation_set(out_dir: str, other: str) -> None:
+  """The release's queries and the dataset's own test files may not share a folder: the evaluator
+  would not know which to score (``datasets.dataset_files``)."""
+  present = sorted(glob.glob(os.path.join(glob.escape(out_dir), other)))
+  if present:
+    raise FileExistsError(f"{out_dir}: holds another evaluation set ({', '.join(present)}); write "
+                          "this one into a folder of its own")
+
+
 def _write(path: str, write: Callable[[Any], None]) -> None:
   """Writes through a hidden temporary file renamed into place: a failed run leaves no file that
   looks complete."""
@@ -73,42 +85,86 @@ def _write(path: str, write: Callable[[Any], None]) -> None:
   os.replace(temporary, path)
 
 
-def prepare(dataset: str, raw: str, out_dir: str, *, test_raw: str | None = None, seed: int = 0,
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """One input of a conversion: its path, what it should be, its reader, and the writer of the
+  records it gives."""
+  path: str
+  expected: str
+  read: Callable[[str], Portion]
+  write: Writer
+
+
+def _sources(dataset: str, raw: str | None, test_raw: str | None,
+             release_parquet: str | None) -> dict[str, _Source]:
+  """The inputs by the split they give ("train" gives both when there is no "test"), once their
+  combination is checked and each is found."""
+  if raw is None and release_parquet is None:
+    raise ValueError(f"{dataset}: give the raw release (--raw), the release's parquet test file "
+                     "(--release_parquet) or both")
+  if test_raw and (raw is None or release_parquet):
+    raise ValueError(f"{dataset}: test_raw (--test_raw) goes with raw (--raw) alone; "
+                     "release_parquet (--release_parquet) is the evaluation set itself")
+  sources = {}
+  if raw is not None:
+    if dataset not in CONVERTERS:
+      raise ValueError(f"no converter for {dataset!r}; converters: {', '.join(CONVERTERS)} (the "
+                       "other MIBE datasets are read as released: see eval/datasets.py)")
+    converter = CONVERTERS[dataset]
+    sources["train"] = _Source(raw, converter.raw, converter.read, converter.write)
+    if test_raw:
+      sources["test"] = _Source(test_raw, converter.raw, converter.read, converter.write)
+  if release_parquet is not None:
+    release.check_dataset(dataset)
+    sources["test"] = _Source(release_parquet, release.DESCRIPTION,
+                              functools.partial(release.read, dataset=dataset), write_jsonl)
+  for source in sources.values():
+    if not os.path.exists(source.path):
+      raise FileNotFoundError(f"{source.path}: not found (expected {source.expected})")
+  return sources
+
+
+def prepare(dataset: str, raw: str | None, out_dir: str, *, test_raw: str | None = None,
+            release_parquet: str | None = None, seed: int = 0,
             test_fraction: float = DEFAULT_TEST_FRACTION,
             overwrite: bool = False) -> dict[str, Any]:
   """Converts ``raw`` (and the release's test portion ``test_raw``, if given) into ``out_dir``.
 
   Without ``test_raw`` the records of ``raw`` are split, ``test_fraction`` of the units going to
-  the evaluation set by a ``seed``-ed draw. Returns the summary, also written to ``SUMMARY_FILE``.
+  the evaluation set by a ``seed``-ed draw. With ``release_parquet`` the release's own test set
+  (``release.read``) is the evaluation set, written to ``datasets.RELEASE_QUERIES_FILE``, and all of
+  ``raw``, if given, the few-shot pool. Returns the summary, also written to ``SUMMARY_FILE``.
   """
-  if dataset not in CONVERTERS:
-    raise ValueError(f"no converter for {dataset!r}; converters: {', '.join(CONVERTERS)} (the "
-                     "other MIBE datasets are read as released: see eval/datasets.py)")
-  converter, spec = CONVERTERS[dataset], datasets.get_spec(dataset)
-  for path in filter(None, (raw, test_raw)):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: not found (expected {converter.raw})")
-  files = {"test": spec.test_files, "train": spec.shot_files}
+  spec = datasets.get_spec(dataset)
+  sources = _sources(dataset, raw, test_raw, release_parquet)
+  files = {"test": datasets.RELEASE_QUERIES_FILE if release_parquet else spec.test_files}
+  if "train" in sources:
+    files["train"] = spec.shot_files
   _check_out_dir(out_dir, [*files.values(), SUMMARY_FILE], overwrite)
-  portions = {"train": converter.read(raw)}
-  if test_raw:
-    portions["test"] = converter.read(test_raw)
+  _check_one_evaluation_set(out_dir, spec.test_files if release_parquet
+                            else datasets.RELEASE_QUERIES_FILE)
+  portions = {name: source.read(source.path) for name, source in sources.items()}
+  if "test" in portions:
     splits = {name: [record for _, record in portion.units] for name, portion in portions.items()}
   else:
     splits = dict(zip(("test", "train"), split_units(portions["train"].units, seed, test_fraction,
                                                      raw)))
+  # Where each split came from: its own input, or the raw release it was drawn from.
+  origins = {name: sources[name if name in sources else "train"] for name in splits}
   for name, records in splits.items():
     if not records:
-      raise ValueError(f"{dataset}: no {name} records from {test_raw if name == 'test' else raw}")
+      raise ValueError(f"{dataset}: no {name} records from {origins[name].path}")
   for name, file_name in files.items():
     _write(os.path.join(out_dir, file_name),
-           lambda f, records=splits[name]: converter.write(f, records))
+           lambda f, records=splits[name], write=origins[name].write: write(f, records))
   skipped: Counter[str] = sum((portion.skipped for portion in portions.values()), Counter())
   summary = {
       "dataset": dataset,
       "raw": raw,
       "test_raw": test_raw,
-      "split": "release" if test_raw else {"seed": seed, "test_fraction": test_fraction},
+      "release_parquet": release_parquet,
+      "split": ("release" if test_raw or release_parquet
+                else {"seed": seed, "test_fraction": test_fraction}),
       "records": {name: len(records) for name, records in splits.items()},
       "files": files,
       "skipped": dict(sorted(skipped.items())),
