@@ -66,7 +66,7 @@ def jsonl(rows: list[dict]) -> str:
 
 
 def write_parquet(path: pathlib.Path, rows: list[dict], schema: pa.Schema | None = None) -> str:
-  """Rows as the release pushed them (``datasets``' parquet export: one row group, these columns)."""
+  """Rows as the release pushed them (the ``datasets`` parquet export: these columns, one table)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
   return str(path)
@@ -228,6 +228,8 @@ def test_generation_rows_and_a_raw_few_shot_pool(tmp_path, capsys):
   rows = [{"id": f"EmrQA{i}", "query": EMRQA.format(context=f"Note {i}: aspirin 81 mg daily.",
                                                     question="What dose of aspirin?"),
            "answer": "aspirin 81 mg daily"} for i in range(2)]
+  # Byte for byte: the release's line breaks around a template, CR LF, U+2028, trailing blanks.
+  rows[1]["query"] = "\n" + rows[1]["query"].replace("Note 1:", "Note\r\n1:\u2028 ") + " \n"
   parquet = write_parquet(tmp_path / "emrqa_test.parquet", rows)
   out = tmp_path / "mibe_release" / "emrqa"
   assert cli().main(["emrqa", "--release_parquet", parquet, "--out", str(out)]) == 0

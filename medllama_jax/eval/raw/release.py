@@ -1,4 +1,4 @@
-"""The release's own MIBE test sets (parquet) → the release-query evaluation set ``datasets`` reads.
+"""The release's own MIBE test sets (parquet files) → evaluation sets that prompt with its queries.
 
 The release built each evaluation set with ``src/preprocess_instruct.py`` (BIDS-Xu-Lab/Me-LLaMA)
 and published it as parquet rows ``{id, query, answer, choices, gold}``: for a classification set
