@@ -11,15 +11,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
+from importlib import resources
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import seqio
 
 from medllama_jax.eval import datasets, scorers
 from medllama_jax.eval.raw import SUMMARY_FILE, prepare
+from medllama_jax.tokenizer import train_sentencepiece
+from seqio_tasks.mibe import register_mibe_tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -250,13 +255,6 @@ def test_generation_rows_and_a_raw_few_shot_pool(tmp_path, capsys):
 
 
 def test_seqio_task_prompts_with_the_stored_queries(tmp_path, capsys):
-  from importlib import resources  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
-
-  from medllama_jax.tokenizer import train_sentencepiece  # pylint: disable=import-outside-toplevel
-  from seqio_tasks.mibe import register_mibe_tasks  # pylint: disable=import-outside-toplevel
-  import seqio  # pylint: disable=import-outside-toplevel
-
   rows = pubmedqa_raw(tmp_path / "raw" / "pubmedqa")
   parquet = write_parquet(tmp_path / "pubmedqa_test.parquet", rows)
   data_dir = tmp_path / "mibe_release"
