@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from medllama_jax.cli import console
-from medllama_jax.data import corpora
+from medllama_jax.data import corpora, error_limit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--min_chars", type=int, default=32,
                       help="cleaned texts shorter than this are dropped, valid short documents too; "
                            "stats.json counts them as too_short (0 keeps every text)")
-  parser.add_argument("--max_errors", type=float,
-                      help="fail, writing nothing, when more records than this are damaged: a count "
-                           "(100) or a fraction of the records read (0.01); default: no limit, "
-                           "damaged records are reported by file and position and passed over")
+  error_limit.add_flag(parser, "records")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace what an earlier run wrote in --out")
   parser.add_argument("--pile_set_name", action="append",

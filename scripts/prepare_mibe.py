@@ -3,16 +3,20 @@
   python scripts/prepare_mibe.py ddi --raw DDICorpus/Train \\
       --test_raw "DDICorpus/Test/Test for DDI Extraction task" --out mibe/ddi
   python scripts/prepare_mibe.py mtsample --raw mtsamples.csv --out mibe/mtsample \\
-      [--seed 0] [--test_fraction 0.2] [--overwrite]
+      [--seed 0] [--test_fraction 0.2] [--max_errors 0.01] [--overwrite]
   python scripts/prepare_mibe.py pubmedqa --release_parquet PubmedQA_test.parquet \\
       --out mibe_release/pubmedqa
 
 Datasets and what --raw is: see medllama_jax/eval/raw/ (one module per release format). Without
 --test_raw the records of --raw are split by a seeded draw. --release_parquet makes the release's
 own test set (its parquet file, read by medllama_jax/eval/raw/release.py) the evaluation set, its
-queries the prompts; a --raw given with it is all few-shot pool. Prints the summary (also written to
-prepare_summary.json in --out); exit status 1 with a one-line message naming the file, place and
-field on malformed input, a missing input or files already in --out.
+queries the prompts; a --raw given with it is all few-shot pool. A damaged item (a row, note,
+pair, report...) is logged with its file and place, left out and counted as malformed_* in the
+summary; --max_errors (a count, or a fraction of the items read; default: no limit) makes too many of
+them fail the run, writing nothing. Prints the summary (also written to prepare_summary.json in
+--out); exit status 1 with a one-line message naming the file, place and field on input that cannot
+be used at all, a missing input, files already in --out or more damaged items than --max_errors
+allows.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from medllama_jax.cli import console
+from medllama_jax.data import error_limit
 from medllama_jax.eval import raw
 from medllama_jax.eval.raw import release
 
@@ -41,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--seed", type=int, default=0, help="seed of the test/pool draw")
   parser.add_argument("--test_fraction", type=float, default=raw.DEFAULT_TEST_FRACTION,
                       help="share of units drawn for the evaluation set (without --test_raw)")
+  error_limit.add_flag(parser, "items")
   parser.add_argument("--overwrite", action="store_true", help="replace files already in --out")
   return parser
 
@@ -48,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare(args: argparse.Namespace) -> int:
   summary = raw.prepare(args.dataset, args.raw, args.out, test_raw=args.test_raw,
                         release_parquet=args.release_parquet, seed=args.seed,
-                        test_fraction=args.test_fraction, overwrite=args.overwrite)
+                        test_fraction=args.test_fraction, overwrite=args.overwrite,
+                        max_errors=args.max_errors)
   print(json.dumps(summary, indent=2))
   return 0
 

@@ -40,6 +40,7 @@ import tensorflow as tf
 from absl import logging
 
 from medllama_jax.data import corpora
+from medllama_jax.data import error_limit
 
 TRAIN, VALIDATION = "train", "validation"
 STATS_FILE = "stats.json"
@@ -172,17 +173,16 @@ class _Tally:
     A count is checked as errors come, to stop a hopeless run early; a fraction of the records seen
     only at the end, as the first records of a run say little about the rest.
     """
-    if max_errors is None or not (_is_count(max_errors) or final):
+    if max_errors is None or not (error_limit.is_count(max_errors) or final):
       return
     errors = sum(self.errors.values())
-    limit = max_errors if _is_count(max_errors) else max_errors * self.seen
-    if errors > limit:
+    if error_limit.exceeded(errors, self.seen, max_errors):
       reasons = ", ".join(f"{reason} {n}" for reason, n in self.errors.most_common())
       first = self.first_error
       raise corpora.CorpusError(
-          f"{self.label}: too many errors, nothing written: {errors} of {self.seen} records "
-          f"({errors / max(self.seen, 1):.2%}) > max_errors {max_errors:g} ({reasons}; first: "
-          f"{first.source} at {first.location})")
+          f"{self.label}: too many errors, nothing written: "
+          f"{error_limit.describe(errors, self.seen, max_errors, 'records')} ({reasons}; "
+          f"first: {first.source} at {first.location})")
 
   def drop_short(self, record: corpora.Rejected) -> None:
     self.too_short += 1
@@ -201,18 +201,6 @@ class _Tally:
     logging.info("%s: %d records read, %d written, %d errors, %d skipped, %d too short, "
                  "%d duplicates", self.label, self.read, written, sum(self.errors.values()),
                  sum(self.skipped.values()), self.too_short, self.duplicates)
-
-
-def _is_count(max_errors: float) -> bool:
-  """``max_errors`` 0 or from 1 up is a number of errors; between 0 and 1, a fraction of the records."""
-  return max_errors == 0 or max_errors >= 1
-
-
-def check_max_errors(max_errors: float | None) -> None:
-  """Raises ValueError unless ``max_errors`` is None, a whole count, or a fraction in (0, 1)."""
-  if max_errors is not None and (max_errors < 0 or max_errors >= 1 and max_errors % 1):
-    raise ValueError(f"max_errors must be a whole count (0, 1, 2...) or a fraction between 0 and 1, "
-                     f"got {max_errors:g}")
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
@@ -274,7 +262,7 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
   if num_shards < 1 or not 0 <= validation_fraction < 1 or min_chars < 0:
     raise ValueError(f"need num_shards >= 1, 0 <= validation_fraction < 1, min_chars >= 0; got "
                      f"{num_shards}, {validation_fraction}, {min_chars}")
-  check_max_errors(max_errors)
+  error_limit.check(max_errors)
   corpora.check_options(format, reader_options)
   paths = expand_inputs(inputs)
   claim_out_dir(out_dir, overwrite)

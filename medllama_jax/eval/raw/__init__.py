@@ -24,10 +24,11 @@ from typing import Any
 
 from absl import logging
 
+from medllama_jax.data import error_limit
 from medllama_jax.eval import datasets
 from medllama_jax.eval.raw import (bionli, ddi, emrqa, hoc, mimic_cxr, mtsamples, n2c2_concepts,
                                    release)
-from medllama_jax.eval.raw.common import (Portion, RawFormatError, Writer, split_units,
+from medllama_jax.eval.raw.common import (MALFORMED, Portion, RawFormatError, Writer, split_units,
                                           write_csv, write_jsonl, write_squad)
 
 __all__ = ["CONVERTERS", "DEFAULT_TEST_FRACTION", "RawFormatError", "SUMMARY_FILE", "prepare"]
@@ -76,13 +77,37 @@ def _check_one_evaluation_set(out_dir: str, other: str) -> None:
                           "this one into a folder of its own")
 
 
-def _write(path: str, write: Callable[[Any], None]) -> None:
-  """Writes through a hidden temporary file renamed into place: a failed run leaves no file that
-  looks complete."""
-  temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.incomplete")
-  with open(temporary, "w", encoding="utf-8", newline="") as f:
-    write(f)
-  os.replace(temporary, path)
+def _write_all(out_dir: str, writers: dict[str, Callable[[Any], None]]) -> None:
+  """Writes every file under a hidden temporary name, then renames them into place in order (the
+  summary last): a failed run leaves neither a file that looks complete nor new files beside an
+  earlier run's."""
+  temporaries: dict[str, str] = {}
+  try:
+    for name, write in writers.items():
+      temporaries[name] = os.path.join(out_dir, f".{name}.incomplete")
+      with open(temporaries[name], "w", encoding="utf-8", newline="") as f:
+        write(f)
+  except BaseException:
+    for temporary in temporaries.values():
+      if os.path.exists(temporary):
+        os.remove(temporary)
+    raise
+  for name, temporary in temporaries.items():
+    os.replace(temporary, os.path.join(out_dir, name))
+
+
+def _check_malformed(dataset: str, skipped: Counter[str], read: int,
+                     max_errors: float | None) -> None:
+  """Refuses, before anything is written, a conversion that left out more damaged items
+  (``malformed_*`` of ``skipped``) of the ``read`` than ``max_errors`` allows (see
+  ``error_limit``); what a converter leaves out by design does not count."""
+  malformed = {reason: n for reason, n in sorted(skipped.items()) if reason.startswith(MALFORMED)}
+  errors = sum(malformed.values())
+  if error_limit.exceeded(errors, read, max_errors):
+    reasons = ", ".join(f"{reason} {n}" for reason, n in malformed.items())
+    raise ValueError(f"{dataset}: too many malformed items, nothing written: "
+                     f"{error_limit.describe(errors, read, max_errors, 'items')} ({reasons}); "
+                     "each is logged with its file and place")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,15 +151,18 @@ def _sources(dataset: str, raw: str | None, test_raw: str | None,
 
 def prepare(dataset: str, raw: str | None, out_dir: str, *, test_raw: str | None = None,
             release_parquet: str | None = None, seed: int = 0,
-            test_fraction: float = DEFAULT_TEST_FRACTION,
-            overwrite: bool = False) -> dict[str, Any]:
+            test_fraction: float = DEFAULT_TEST_FRACTION, overwrite: bool = False,
+            max_errors: float | None = None) -> dict[str, Any]:
   """Converts ``raw`` (and the release's test portion ``test_raw``, if given) into ``out_dir``.
 
   Without ``test_raw`` the records of ``raw`` are split, ``test_fraction`` of the units going to
   the evaluation set by a ``seed``-ed draw. With ``release_parquet`` the release's own test set
   (``release.read``) is the evaluation set, written to ``datasets.RELEASE_QUERIES_FILE``, and all of
-  ``raw``, if given, the few-shot pool. Returns the summary, also written to ``SUMMARY_FILE``.
+  ``raw``, if given, the few-shot pool. Damaged items are left out and counted; more of them than
+  ``max_errors`` allows (a count, or a fraction of the items read; None: no limit) is a ValueError,
+  and then nothing is written. Returns the summary, also written to ``SUMMARY_FILE``.
   """
+  error_limit.check(max_errors)
   spec = datasets.get_spec(dataset)
   sources = _sources(dataset, raw, test_raw, release_parquet)
   files = {"test": datasets.RELEASE_QUERIES_FILE if release_parquet else spec.test_files}
@@ -144,6 +172,9 @@ def prepare(dataset: str, raw: str | None, out_dir: str, *, test_raw: str | None
   _check_one_evaluation_set(out_dir, spec.test_files if release_parquet
                             else datasets.RELEASE_QUERIES_FILE)
   portions = {name: source.read(source.path) for name, source in sources.items()}
+  skipped: Counter[str] = sum((portion.skipped for portion in portions.values()), Counter())
+  read = sum(portion.read for portion in portions.values())
+  _check_malformed(dataset, skipped, read, max_errors)
   if "test" in portions:
     splits = {name: [record for _, record in portion.units] for name, portion in portions.items()}
   else:
@@ -154,10 +185,6 @@ def prepare(dataset: str, raw: str | None, out_dir: str, *, test_raw: str | None
   for name, records in splits.items():
     if not records:
       raise ValueError(f"{dataset}: no {name} records from {origins[name].path}")
-  for name, file_name in files.items():
-    _write(os.path.join(out_dir, file_name),
-           lambda f, records=splits[name], write=origins[name].write: write(f, records))
-  skipped: Counter[str] = sum((portion.skipped for portion in portions.values()), Counter())
   summary = {
       "dataset": dataset,
       "raw": raw,
@@ -167,9 +194,13 @@ def prepare(dataset: str, raw: str | None, out_dir: str, *, test_raw: str | None
                 else {"seed": seed, "test_fraction": test_fraction}),
       "records": {name: len(records) for name, records in splits.items()},
       "files": files,
+      "items_read": read,
       "skipped": dict(sorted(skipped.items())),
+      "max_errors": max_errors,
   }
-  _write(os.path.join(out_dir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
+  writers = {file_name: lambda f, records=splits[name], write=origins[name].write: write(f, records)
+             for name, file_name in files.items()}
+  _write_all(out_dir, {**writers, SUMMARY_FILE: lambda f: json.dump(summary, f, indent=2)})
   logging.info("%s: wrote %s to %s; skipped %s", dataset, summary["records"], out_dir,
                summary["skipped"] or "nothing")
   return summary

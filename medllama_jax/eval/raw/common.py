@@ -18,6 +18,8 @@ Record = dict[str, Any]
 # A record and its split unit: the id of what must not be divided between test and few-shot pool
 # (a note, an abstract, a drug-pair's document, a transcription).
 Unit = tuple[str, Record]
+# The prefix of the summary's counts of damaged pieces (``malformed_rows``, ``malformed_notes``...).
+MALFORMED = "malformed_"
 
 
 class RawFormatError(ValueError):
@@ -31,16 +33,26 @@ class RawFormatError(ValueError):
 @dataclasses.dataclass
 class Portion:
   """What one reader produced from one raw input: its records with their split units, and how many
-  pieces of the input it left out, by reason (reported in the summary, never dropped silently)."""
+  pieces of the input it left out, by reason (reported in the summary, never dropped silently).
+
+  Damage is counted only through :meth:`leave_out` (``malformed_*``); other reasons are what a
+  converter leaves out by design. ``--max_errors`` weighs the damaged pieces against :attr:`read`.
+  """
   units: list[Unit] = dataclasses.field(default_factory=list)
   skipped: Counter[str] = dataclasses.field(default_factory=Counter)
 
+  @property
+  def read(self) -> int:
+    """The items met: each record kept and each piece left out, whatever it held (a left-out note
+    counts once). Every reader fills ``units`` and ``skipped`` alike, so this needs no bookkeeping of
+    its own and means the same for every converter."""
+    return len(self.units) + sum(self.skipped.values())
   def leave_out(self, source: str, piece: str, error: RawFormatError) -> None:
     """Leaves a malformed ``piece`` (row, note, report...) out rather than stop the conversion:
     logged with the file, place and field at fault, counted as ``malformed_{piece}s``, so that one
     damaged item costs itself and the summary still says what was lost."""
     logging.warning("%s: malformed %s left out: %s", source, piece, error)
-    self.skipped[f"malformed_{piece}s"] += 1
+    self.skipped[f"{MALFORMED}{piece}s"] += 1
 
 
 def read_text(path: str) -> str:

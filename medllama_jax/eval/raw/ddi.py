@@ -17,8 +17,6 @@ import csv
 import os
 import re
 
-from absl import logging
-
 from medllama_jax.eval import scorers
 from medllama_jax.eval.raw import ddi_xml
 from medllama_jax.eval.raw.common import Portion, Record, RawFormatError, read_text
@@ -60,8 +58,7 @@ def read_blue_tsv(path: str) -> Portion:
     try:
       record = _record(path, reader.line_num, row)
     except RawFormatError as error:
-      logging.warning("DDI: malformed row left out: %s", error)
-      portion.skipped["malformed_rows"] += 1
+      portion.leave_out("DDI", "row", error)
       continue
     portion.units.append((_document(record["id"]), record))
   return portion

@@ -108,9 +108,8 @@ def _read_sentence(path: str, unit: str, sentence: ET.Element, portion: Portion)
   text = sentence.get("text")
   if text is None:
     pairs = len(sentence.findall("pair"))
-    logging.warning("DDI: malformed sentence left out with its %d pair(s): %s", pairs,
-                    RawFormatError(path, f"sentence {sentence.get('id')}", "no field text"))
-    portion.skipped["malformed_sentences"] += 1
+    portion.leave_out("DDI", "sentence", RawFormatError(
+        path, f"sentence {sentence.get('id')}", f"no field text (its {pairs} pair(s) left out)"))
     return
   mentions = {entity.get("id"): _mention(entity, text) for entity in sentence.iter("entity")}
   for pair in sentence.iter("pair"):
@@ -118,8 +117,7 @@ def _read_sentence(path: str, unit: str, sentence: ET.Element, portion: Portion)
       first, second = _pair_mentions(path, sentence, pair, mentions)
       label = _label(path, pair)
     except RawFormatError as error:
-      logging.warning("DDI: malformed pair left out: %s", error)
-      portion.skipped["malformed_pairs"] += 1
+      portion.leave_out("DDI", "pair", error)
       continue
     if len(first) > 1 or len(second) > 1:
       logging.info("DDI: %s: pair %s left out: a discontinuous mention", path, pair.get("id"))

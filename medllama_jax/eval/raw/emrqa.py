@@ -32,8 +32,6 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from absl import logging
-
 from medllama_jax.eval.raw.common import Portion, Record, RawFormatError, read_text
 
 
@@ -95,13 +93,6 @@ def _answers(path: str, where: str, context: str, line_starts: list[int],
                            start[0])]
 
 
-def _skip(portion: Portion, piece: str, error: RawFormatError) -> None:
-  """Leaves a malformed ``piece`` (question, note, article) out: logged with where it is and what
-  is wrong, counted as ``malformed_{piece}s``."""
-  logging.warning("emrQA: malformed %s left out: %s", piece, error)
-  portion.skipped[f"malformed_{piece}s"] += 1
-
-
 def _question(path: str, at: str, context: str, line_starts: list[int],
               qa: Any) -> tuple[str, list[dict[str, Any]]]:
   """A question's first paraphrase and its distinct SQuAD answers, in order."""
@@ -133,7 +124,7 @@ def _paragraph(path: str, title: str, index: int, paragraph: Any,
     try:
       question, answers = _question(path, f"{where}, question {k}", context, line_starts, qa)
     except RawFormatError as error:
-      _skip(portion, "question", error)
+      portion.leave_out("emrQA", "question", error)
       continue
     if answers:
       qas.append({"id": f"{title}:{note}:{k}", "question": question, "answers": answers})
@@ -155,14 +146,14 @@ def read(path: str) -> Portion:
   for article in articles:
     title = str(article.get("title", "")) if isinstance(article, dict) else ""
     if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-      _skip(portion, "article",
-            RawFormatError(path, f"article {title!r}", "no list field paragraphs"))
+      portion.leave_out("emrQA", "article",
+                        RawFormatError(path, f"article {title!r}", "no list field paragraphs"))
       continue
     for index, paragraph in enumerate(article["paragraphs"]):
       try:
         unit, record = _paragraph(path, title, index, paragraph, portion)
       except RawFormatError as error:
-        _skip(portion, "note", error)
+        portion.leave_out("emrQA", "note", error)
         continue
       if record["qas"]:
         portion.units.append((unit, record))

@@ -17,8 +17,9 @@ a row under the header ``labels\tsentence\tindex`` (columns found by name): ``in
 i-th hallmark of BLUE's alphabetical list (``BLUE_LABELS``) is present. The abstract's text is its
 sentences in sentence-number order, its labels the union of theirs. A row whose index does not
 parse is logged with its file, line and field, left out and counted (``malformed_rows``); an
-abstract with a malformed row (field count, labels, a sentence number seen twice) is logged, left
-out whole, since its labels would be incomplete, and counted (``malformed_abstracts``).
+abstract with a malformed row (field count, labels, a sentence number seen twice) is logged at its
+first fault, left out whole, since its labels would be incomplete, and counted
+(``malformed_abstracts``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import csv
 import os
 import re
 from collections.abc import Iterator
-
-from absl import logging
 
 from medllama_jax.eval import scorers
 from medllama_jax.eval.raw.common import Portion, Record, RawFormatError, read_text
@@ -126,11 +125,12 @@ def read_blue_tsv(path: str) -> Portion:
   for line, row in _blue_rows(path):
     match = _BLUE_INDEX.fullmatch(row["index"]) if row else None
     if not match:
-      logging.warning("HoC: malformed row left out: %s", RawFormatError(
+      portion.leave_out("HoC", "row", RawFormatError(
           path, f"line {line}", f"not {len(BLUE_COLUMNS)} fields, or field index not PMID_sN"))
-      portion.skipped["malformed_rows"] += 1
       continue
     pmid, number = match["pmid"], int(match["sentence"])
+    if pmid in damaged:  # Left out already, at its first fault.
+      continue
     found = sentences.setdefault(pmid, {})
     try:
       if number in found:
@@ -138,11 +138,9 @@ def read_blue_tsv(path: str) -> Portion:
       labels.setdefault(pmid, set()).update(
           _blue_labels(path, f"line {line}, sentence {row['index']}", row["labels"]))
     except RawFormatError as error:
-      logging.warning("HoC: abstract %s left out: %s", pmid, error)
+      portion.leave_out("HoC", "abstract", error)
       damaged.add(pmid)
     found[number] = row["sentence"]
-  if damaged:
-    portion.skipped["malformed_abstracts"] = len(damaged)
   portion.units.extend((pmid, _blue_abstract(pmid, found, labels.get(pmid, set())))
                        for pmid, found in sentences.items() if pmid not in damaged)
   return portion

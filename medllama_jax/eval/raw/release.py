@@ -27,8 +27,6 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import logging
-
 from medllama_jax.eval import datasets, scorers
 from medllama_jax.eval.raw.common import Portion, RawFormatError, Record
 
@@ -152,9 +150,8 @@ def read(path: str, dataset: str) -> Portion:
       row_id = _row_id(row)
       record = {"id": row_id, "query": _text(row, "query"), **targets(row)}
     except _Unusable as error:
-      logging.warning("%s: row %d (id %s): field %s: %s; row left out", path, number,
-                      row.get("id"), error.field, error)
-      portion.skipped["malformed_rows"] += 1
+      portion.leave_out("Release parquet", "row", RawFormatError(
+          path, f"row {number} (id {row.get('id')})", f"field {error.field}: {error}"))
       continue
     portion.units.append((row_id, record))
   return portion
