@@ -560,11 +560,17 @@ def test_split_is_seeded_by_unit():
     split_units(units[:1], 0, 0.4, "x")
 
 
-def test_command_line(tmp_path, capsys):
+def prepare_mibe():
+  """scripts/prepare_mibe.py as a module, for its entry point ``main``."""
   spec = importlib.util.spec_from_file_location("prepare_mibe",
                                                 ROOT / "scripts" / "prepare_mibe.py")
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
+  return cli
+
+
+def test_command_line(tmp_path, capsys):
+  cli = prepare_mibe()
   raw = write_mtsamples(tmp_path / "mtsamples.csv", [("Surgery", "A."), ("Urology", "B.")])
   out = str(tmp_path / "mibe" / "mtsample")
   assert cli.main(["mtsample", "--raw", raw, "--out", out, "--seed", "2"]) == 0
@@ -574,6 +580,51 @@ def test_command_line(tmp_path, capsys):
   bad = write_mtsamples(tmp_path / "bad.csv", [("Surgery", "A."), ("Astrology", "B.")])
   assert cli.main(["mtsample", "--raw", bad, "--out", out, "--overwrite"]) == 1
   assert capsys.readouterr().err.startswith(f"prepare_mibe: error: {bad}: row 2 (line 3): field")
+
+
+def write_damaged_mtsamples(path: pathlib.Path) -> str:
+  """7 items: 4 usable rows, 1 without transcription (left out by design), 2 malformed rows."""
+  raw = write_mtsamples(path, [("Surgery", "A."), ("Urology", "B."), ("Surgery", "C."),
+                               ("Urology", "D."), ("Neurology", " ")])
+  with open(raw, "a", encoding="utf-8", newline="") as f:
+    f.write('5,Invented., Surgery,Sample 5,"E "quoted".",\n6,Invented., Surgery,Sample 6\n')
+  return raw
+
+
+@pytest.mark.parametrize("over,under", [("1", "2"), ("0.25", "0.3")])
+def test_max_errors_fails_the_run_writing_nothing(tmp_path, capsys, over, under):
+  """A count or a fraction of the 7 items read; the row left out by design does not count."""
+  cli = prepare_mibe()
+  raw = write_damaged_mtsamples(tmp_path / "mtsamples.csv")
+  out = tmp_path / "mibe" / "mtsample"
+  assert cli.main(["mtsample", "--raw", raw, "--out", str(out), "--max_errors", over]) == 1
+  last = capsys.readouterr().err.splitlines()[-1]
+  assert last.startswith(f"prepare_mibe: error: mtsample: too many malformed items, nothing "
+                         f"written: 2 of 7 items (28.57%) > max_errors {over} (malformed_rows 2); "
+                         "each is logged with its file and place (traceback: ")
+  assert list(out.iterdir()) == []
+  assert cli.main(["mtsample", "--raw", raw, "--out", str(out), "--max_errors", under]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert summary["skipped"] == {"malformed_rows": 2, "rows_without_transcription": 1}
+  assert (summary["items_read"], summary["max_errors"]) == (7, float(under))
+  assert sorted(path.name for path in out.iterdir()) == [SUMMARY_FILE, "test.csv", "train.csv"]
+
+
+def test_max_errors_over_the_threshold_keeps_an_earlier_run_whole(tmp_path, capsys):
+  """--overwrite with too many malformed items leaves the earlier run's files as they were."""
+  cli = prepare_mibe()
+  out = tmp_path / "mibe" / "mtsample"
+  good = write_mtsamples(tmp_path / "good.csv", [("Surgery", "A."), ("Urology", "B.")])
+  assert cli.main(["mtsample", "--raw", good, "--out", str(out)]) == 0
+  before = {path.name: path.read_bytes() for path in out.iterdir()}
+  damaged = write_damaged_mtsamples(tmp_path / "damaged.csv")
+  assert cli.main(["mtsample", "--raw", damaged, "--out", str(out), "--overwrite",
+                   "--max_errors", "0"]) == 1
+  assert "2 of 7 items (28.57%) > max_errors 0" in capsys.readouterr().err
+  assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+  assert cli.main(["mtsample", "--raw", good, "--out", str(out), "--overwrite",
+                   "--max_errors", "1.5"]) == 1
+  assert "max_errors must be a whole count (0, 1, 2...) or a fraction" in capsys.readouterr().err
 
 
 def test_medmcqa_and_pubmed_prompts_are_the_release_text():
