@@ -5,10 +5,20 @@ Most MIBE data is credentialed or licensed, so the user downloads each release a
 once, locally (``scripts/prepare_mibe.py``); nothing here fetches anything. A release with its own
 test portion is converted as it stands (``test_raw``); otherwise one input is split by a seeded
 draw of whole units (notes, abstracts, documents: see each module), so that the few-shot pool
-never holds a piece of a test item. Malformed input raises :class:`RawFormatError` naming the file,
-the place and the field, except where a converter can leave the damaged item out (emrQA's questions,
-notes and articles; DDI's pairs, sentences and TSV rows; HoC's TSV rows and abstracts): it is then
-logged with the same details and counted in the summary, as is what a converter leaves out by design.
+never holds a piece of a test item.
+
+Malformed input raises :class:`RawFormatError` naming the file, the place and the field, except
+where a converter can leave the damaged item out (emrQA's questions, notes and articles; DDI's
+pairs, sentences and TSV rows; HoC's TSV rows and abstracts; i2b2's concepts, with their sentences,
+and notes; MTSamples' and BioNLI's rows; MIMIC-CXR's reports; the release parquet's rows): it is
+then logged with the same details and counted in the summary as ``malformed_<piece>s``
+(:meth:`Portion.leave_out`), apart from what a converter leaves out by design and counts under its
+own reason (emrQA's ``questions_without_evidence`` and ``notes_without_questions``, DDI's
+``discontinuous_pairs``, i2b2's ``notes_without_concepts``, MTSamples'
+``rows_without_transcription``, MIMIC-CXR's ``no_findings``, ``no_impression`` and
+``not_a_report``). ``max_errors`` (``--max_errors``: a count, or a fraction of the items read, the
+records kept plus the pieces left out; default None, no limit) fails a conversion that left out more
+malformed pieces than that, before anything is written.
 """
 
 from __future__ import annotations
