@@ -51,7 +51,8 @@ text, system and user text (``loss_weights[i]`` weighs the prediction of token `
 Tokenization rule: the rendered text is cut into pieces at its slots (template text, each turn's
 text, the context; turn texts stripped of surrounding whitespace, template text next to an empty
 slot merged into one piece, no piece spanning two exchanges) and every piece is encoded on its own,
-without BOS/EOS; the ids are concatenated after one BOS, with an EOS after each answer. A prompt's
+without BOS/EOS; the ids are concatenated after the tokenizer's prefix (one BOS for LLaMA; none for
+a GPT-2-style tokenizer), with an EOS after each answer. A prompt's
 ids thus never depend on its answer, and ``render(conversation)`` is exactly
 ``render_prompt(conversation without its last answer)`` + the answer's ids + EOS. SentencePiece
 (LLaMA: ``add_dummy_prefix``) begins each piece with its word-start ``▁``, so the ids differ from
@@ -137,11 +138,12 @@ TEMPLATES: Mapping[str, ChatTemplate] = {t.name: t for t in (
 
 
 class Encoder(Protocol):
-  """A seqio vocabulary (``encode(text)``) or a ``medllama_jax.tokenizer.Tokenizer``
-  (``encode(text, add_bos=False)``), with the special ids rendering adds."""
+  """A ``data.vocab.TokenizerVocabulary`` (``encode(text)``) or a ``tokenizer.Tokenizer``
+  (``encode(text, add_special_tokens=False)``), with the ids rendering adds: ``prefix_ids``
+  (what the tokenizer puts before a text: LLaMA's BOS) and EOS."""
 
   @property
-  def bos_id(self) -> int | None: ...
+  def prefix_ids(self) -> tuple[int, ...]: ...
 
   @property
   def eos_id(self) -> int | None: ...
@@ -202,16 +204,16 @@ def segments(conversation: Conversation, template: str | ChatTemplate = DEFAULT_
 
 def _encode(encoder: Encoder, text: str) -> list[int]:
   if isinstance(encoder, Tokenizer):
-    return encoder.encode(text, add_bos=False)
+    return encoder.encode(text, add_special_tokens=False)
   return list(encoder.encode(text))
 
 
 def encode_segments(pieces: Sequence[Segment], encoder: Encoder) -> tuple[list[int], list[float]]:
-  """``(token_ids, loss_weights)``: BOS (if the encoder has one), each piece encoded on its own, EOS
-  after each answer; weight 1 on answer tokens and their EOS, 0 elsewhere."""
+  """``(token_ids, loss_weights)``: the tokenizer's prefix (BOS where it adds one), each piece
+  encoded on its own, EOS after each answer; weight 1 on answer tokens and their EOS, 0 elsewhere."""
   if encoder.eos_id is None:
     raise ValueError("chat rendering needs a tokenizer with an EOS token")
-  ids = [] if encoder.bos_id is None else [encoder.bos_id]
+  ids = list(encoder.prefix_ids)
   weights = [0.0] * len(ids)
   for piece in pieces:
     piece_ids = _encode(encoder, piece.text)

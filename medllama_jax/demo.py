@@ -93,7 +93,7 @@ def train_tokenizer(out_dir: str, vocab_size: int) -> str:
                                            vocab_size)
   os.replace(sp_model, os.path.join(out_dir, tokenizer.SENTENCEPIECE_FILE))
   os.remove(os.path.join(out_dir, "tokenizer.vocab"))
-  tokenizer.write_hf_tokenizer_config(out_dir, tokenizer.load_tokenizer(out_dir))
+  tokenizer.write_hf_tokenizer_config(out_dir)
   return out_dir
 
 

@@ -59,6 +59,11 @@ def load_model(model_dir: str, mesh: Mesh, rules: partitioning.LogicalRules | No
   """
   rules = partitioning.logical_axis_rules() if rules is None else rules
   config = LlamaConfig.load_hf_json(model_dir).replace(**runtime)
+  tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
+  if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+    raise ValueError(f"{tokenizer.source} has {tokenizer.vocab_size} ids but {model_dir}'s "
+                     f"config.json has vocab_size {config.vocab_size}: ids past it have no "
+                     "embedding row")
   model = Llama(config, lora=None if adapters is None else lora.LoraConfig.load_json(adapters))
   boxed, boxed_adapters = lora.split(partitioning.abstract_params(model))
   abstract, shardings = partitioning.unbox(boxed), partitioning.logical_shardings(boxed, mesh, rules)
@@ -72,7 +77,6 @@ def load_model(model_dir: str, mesh: Mesh, rules: partitioning.LogicalRules | No
     params = lora.join(params, checkpointing.load_params(
         os.path.join(adapters, checkpointing.PARAMS_DIR), partitioning.unbox(boxed_adapters),
         partitioning.logical_shardings(boxed_adapters, mesh, rules), verify_checksums))
-  tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
   return LoadedModel(config, model, params, tokenizer, mesh, rules)
 
 

@@ -10,7 +10,8 @@ Rendering (``medllama_jax.chat``): every record is wrapped in the chosen chat te
 ``medllama``). A source whose prompt format the release published (Alpaca/Dolly/MedInstruct,
 HealthCareMagic/iCliniq) has its single-turn records' prompts written in that format inside the
 wrapper; records in the ``conversations`` format already hold their formatted prompt and are only
-wrapped. Tasks output ``targets`` (int32: BOS, the pieces, EOS after each answer) and
+wrapped. Tasks output ``targets`` (int32: the tokenizer's prefix (LLaMA's BOS), the pieces, EOS after
+each answer) and
 ``loss_weights`` (float32: 1 on answer tokens and their EOS, 0 elsewhere); both are output features,
 or a Mixture would drop the weights (``LlamaFeatureConverter``).
 
@@ -59,7 +60,7 @@ from absl import logging
 
 from medllama_jax import chat, progress
 from medllama_jax.data import instruct, records
-from medllama_jax.data.vocab import llama_vocabulary
+from medllama_jax.data.vocab import model_vocabulary
 
 AUTOTUNE = tf.data.AUTOTUNE
 VALIDATION_FRACTION = 0.01
@@ -183,8 +184,8 @@ def _note_truncation(task: str, length: int, example_id: bytes, code: np.int32,
 
 def truncate(tokens: tf.Tensor, kinds: tf.Tensor, exchanges: tf.Tensor, length: int
              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """The module docstring's rule on one example: its tokens (BOS first), each token's ``chat.Kind``
-  and exchange (0 for BOS and the system preamble), all int32 vectors → the kept tokens, their kinds
+  """The module docstring's rule on one example: its tokens (the prefix first), each token's ``chat.Kind``
+  and exchange (0 for the prefix and the system preamble), all int32 vectors → the kept tokens, their kinds
   and the truncation code (an index into :data:`TRUNCATION_CODES`)."""
   per_exchange = tf.math.bincount(exchanges, minlength=tf.reduce_max(exchanges) + 1)
   # kept[j]: tokens left when the exchanges before exchange j + 1 are dropped.
@@ -205,10 +206,10 @@ def truncate(tokens: tf.Tensor, kinds: tf.Tensor, exchanges: tf.Tensor, length: 
 def render_conversations(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None,
                          output_features: Mapping[str, seqio.Feature], task_name: str
                          ) -> tf.data.Dataset:
-  """Pieces → ``targets``, ``loss_weights`` and ``truncation`` (BOS, EOS and weights as
+  """Pieces → ``targets``, ``loss_weights`` and ``truncation`` (prefix, EOS and weights as
   ``chat.encode_segments``), over-long examples cut to ``sequence_length["targets"]``."""
   vocabulary = output_features["targets"].vocabulary
-  bos, eos = vocabulary.bos_id, vocabulary.eos_id
+  prefix, eos = list(vocabulary.prefix_ids), vocabulary.eos_id
   length = (sequence_length or {}).get("targets")
 
   def render(example):
@@ -219,13 +220,16 @@ def render_conversations(dataset: tf.data.Dataset, sequence_length: Mapping[str,
         tf.fill([tf.reduce_sum(is_answer)], tf.constant(eos, tf.int32)), is_answer)
     pieces = tf.concat([pieces, eos_rows], axis=1)
     rows = pieces.value_rowids()
-    tokens = tf.concat([[bos], pieces.flat_values], 0)
-    token_kinds = tf.concat([[int(chat.Kind.TEMPLATE)], tf.gather(kinds, rows)], 0)
+    tokens = tf.concat([tf.constant(prefix, tf.int32, [len(prefix)]), pieces.flat_values], 0)
+    token_kinds = tf.concat([tf.fill([len(prefix)], int(chat.Kind.TEMPLATE)),
+                             tf.gather(kinds, rows)], 0)
     code = tf.constant(0)
     if length is not None:
       num_tokens = tf.size(tokens)
       tokens, token_kinds, code = truncate(
-          tokens, token_kinds, tf.concat([[0], tf.gather(exchanges, rows)], 0), length)
+          tokens, token_kinds,
+          tf.concat([tf.zeros([len(prefix)], exchanges.dtype), tf.gather(exchanges, rows)], 0),
+          length)
       note = functools.partial(_note_truncation, task_name, length)
       code = tf.cond(code > 0,
                      lambda: tf.numpy_function(note, [example["id"], code, num_tokens], tf.int32,
@@ -248,7 +252,7 @@ def register_instruct_task(name: str = gin.REQUIRED, path: str = gin.REQUIRED,
 
   ``template``: the chat template (``chat.TEMPLATES``); ``prompt_format``: a single-turn template
   that single-turn records' prompts are written in, inside ``template``. ``vocabulary_path``:
-  LLaMA's ``tokenizer.model`` or a folder holding it.
+  a model folder (its tokenizer: ``tokenizer.json`` or ``tokenizer.model``) or one of those files.
   """
   wrapper = chat.get_template(template)
   formatted = wrapper if prompt_format is None else wrapper.wrap(chat.get_template(prompt_format))
@@ -264,7 +268,7 @@ def register_instruct_task(name: str = gin.REQUIRED, path: str = gin.REQUIRED,
   seqio.TaskRegistry.add(
       name, source=source,
       preprocessors=[functools.partial(render_conversations, task_name=name)],
-      output_features=output_features(llama_vocabulary(vocabulary_path)), shuffle_buffer_size=None)
+      output_features=output_features(model_vocabulary(vocabulary_path)), shuffle_buffer_size=None)
   return name
 
 

@@ -31,7 +31,7 @@ import gin
 import seqio
 import tensorflow as tf
 
-from medllama_jax.data.vocab import llama_vocabulary
+from medllama_jax.data.vocab import model_vocabulary
 from medllama_jax.eval import datasets as mibe_datasets, metrics
 
 SPLIT = "test"
@@ -65,11 +65,14 @@ def _load_split(split: str, shuffle_files: bool, seed: int | None = None, *,
   return tf.data.Dataset.from_tensor_slices(columns)
 
 
-def _add_bos_to_inputs(dataset: tf.data.Dataset,
-                       output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
-  """The model reads prompts as LLaMA saw text: BOS first."""
-  bos = tf.constant([output_features["inputs"].vocabulary.bos_id], tf.int32)
-  return dataset.map(lambda ex: {**ex, "inputs": tf.concat([bos, ex["inputs"]], axis=0)},
+def _frame_inputs(dataset: tf.data.Dataset,
+                  output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """The model reads a prompt as its tokenizer encodes a text: with the BOS (or other tokens) the
+  tokenizer puts around it, as ``AutoTokenizer(prompt)`` gives it."""
+  vocabulary = output_features["inputs"].vocabulary
+  prefix = tf.constant(vocabulary.prefix_ids, tf.int32, shape=[len(vocabulary.prefix_ids)])
+  suffix = tf.constant(vocabulary.suffix_ids, tf.int32, shape=[len(vocabulary.suffix_ids)])
+  return dataset.map(lambda ex: {**ex, "inputs": tf.concat([prefix, ex["inputs"], suffix], axis=0)},
                      num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -100,7 +103,7 @@ def register_mibe_task(dataset: str, data_dir: str, vocabulary: seqio.Vocabulary
       source=seqio.FunctionDataSource(functools.partial(_load_split, info=info), splits=(SPLIT,),
                                       caching_permitted=False),
       preprocessors=[functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=True),
-                     _add_bos_to_inputs],
+                     _frame_inputs],
       output_features={key: seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)
                        for key in ("inputs", "targets")},
       postprocess_fn=mibe_datasets.postprocess,
@@ -118,10 +121,10 @@ def register_mibe_tasks(data_dir: str = gin.REQUIRED, vocabulary_path: str = gin
   """Registers a Task per dataset and shot count; returns their names, dataset by dataset.
 
   ``datasets`` defaults to the 12 MIBE datasets (``"mmlu"`` may be added by name);
-  ``vocabulary_path``: LLaMA's ``tokenizer.model`` or a (model) folder holding it;
+  ``vocabulary_path``: a model folder (its tokenizer) or its ``tokenizer.json`` / ``tokenizer.model``;
   ``bertscore_model_dir``: see ``register_mibe_task``.
   """
-  vocabulary = llama_vocabulary(vocabulary_path)
+  vocabulary = model_vocabulary(vocabulary_path)
   names = mibe_datasets.MIBE_DATASETS if datasets is None else tuple(datasets)
   return [register_mibe_task(dataset, data_dir, vocabulary, k, prompt_variant, fewshot_seed,
                              bertscore_model_dir)

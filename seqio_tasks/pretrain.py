@@ -35,7 +35,7 @@ from absl import logging
 
 from medllama_jax import progress
 from medllama_jax.data import preprocessors
-from medllama_jax.data.vocab import llama_vocabulary
+from medllama_jax.data.vocab import model_vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ FEATURE_DESCRIPTION = {
 PREPROCESSORS = (
     functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text", "id": "id"}),
     functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-    preprocessors.add_bos_eos,
+    preprocessors.frame_documents,
     seqio.CacheDatasetPlaceholder(),
     preprocessors.split_into_chunks,
 )
@@ -104,7 +104,7 @@ def register_text_task(name: str, data_dir: str, vocabulary_path: str,
   source = seqio.TFExampleDataSource(
       split_to_filepattern=corpus_file_patterns(data_dir, prepare_formats),
       feature_description=FEATURE_DESCRIPTION)
-  vocabulary = llama_vocabulary(vocabulary_path)
+  vocabulary = model_vocabulary(vocabulary_path)
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
       name, source=source, preprocessors=list(PREPROCESSORS),
@@ -141,7 +141,8 @@ def register_pretrain_mixture(data_dir: str = gin.REQUIRED, vocabulary_path: str
 
   Corpus ``c`` is read from ``{data_dir}/{c}`` as Task ``{mixture_name}_{c}`` when its rate (see
   :func:`corpus_rates`; ``task_rates`` is keyed by corpus name) is positive; a corpus with rate 0 is
-  left out and needs no folder. ``vocabulary_path``: LLaMA's ``tokenizer.model`` or a folder holding it.
+  left out and needs no folder. ``vocabulary_path``: a model folder
+  (its tokenizer) or its ``tokenizer.json`` / ``tokenizer.model``.
   """
   rates = corpus_rates(group_rates, task_rates)
   seqio.MixtureRegistry.remove(mixture_name)

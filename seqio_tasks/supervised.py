@@ -42,7 +42,7 @@ from absl import logging
 from medllama_jax import chat, progress
 from medllama_jax.data import records
 from medllama_jax.data.instruct import ASSISTANT, USER, Conversation, Turn
-from medllama_jax.data.vocab import llama_vocabulary
+from medllama_jax.data.vocab import model_vocabulary
 from medllama_jax.eval import datasets as mibe_datasets
 from seqio_tasks import instruct
 
@@ -138,7 +138,7 @@ def register_supervised_task(dataset: str = gin.REQUIRED, data_dir: str = gin.RE
       source=instruct.ShuffledInMemorySource(functools.partial(_load_split, info=info),
                                              splits=SPLITS, caching_permitted=False),
       preprocessors=[functools.partial(instruct.render_conversations, task_name=name)],
-      output_features=instruct.output_features(llama_vocabulary(vocabulary_path)),
+      output_features=instruct.output_features(model_vocabulary(vocabulary_path)),
       shuffle_buffer_size=None)
   TASKS[name] = info
   logging.info("%s: %s training examples of %s (%s)", name, counts, dataset, dataset_dir)

@@ -27,7 +27,7 @@ from medllama_jax.convert import hf, meta  # noqa: E402
 from medllama_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
 from medllama_jax.convert.sources import ConversionError, SafetensorsSource, TensorSource  # noqa: E402
 from medllama_jax.convert.staging import staged_directory  # noqa: E402
-from medllama_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
+from medllama_jax.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
 
 TOKENIZER_VOCAB = 512
 SENTENCE = "The patient was started on metformin 500 mg twice daily."
@@ -163,7 +163,10 @@ def test_export_loads_in_transformers_with_same_logits(exported_dir, hf_model):
 
 
 def test_export_tokenizer_loads_in_transformers(exported_dir, tokenizer_model):
-  ours = SentencePieceTokenizer(tokenizer_model)
+  bare = os.path.join(os.path.dirname(tokenizer_model), "bare")
+  os.makedirs(bare, exist_ok=True)
+  shutil.copyfile(tokenizer_model, os.path.join(bare, "tokenizer.model"))
+  ours = load_tokenizer(bare)  # Meta's convention for a bare tokenizer.model
   assert ours.vocab_size == TOKENIZER_VOCAB
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(exported_dir))
   expected = ours.encode(SENTENCE)

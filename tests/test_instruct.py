@@ -24,8 +24,8 @@ from medllama_jax.cli import generate as generate_cli
 from medllama_jax.data import instruct, records
 from medllama_jax.data.feature_converter import LlamaFeatureConverter
 from medllama_jax.data.pipeline import make_data_iterator
-from medllama_jax.data.vocab import llama_vocabulary
-from medllama_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from medllama_jax.data.vocab import model_vocabulary
+from medllama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from seqio_tasks import instruct as tasks
 
 BOS, EOS = 1, 2
@@ -51,8 +51,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def sp(model_dir: str) -> SentencePieceTokenizer:
-  return SentencePieceTokenizer(Path(model_dir) / "tokenizer.model")
+def sp(model_dir: str) -> Tokenizer:
+  return load_tokenizer(model_dir)
 
 
 def write_jsonl(path: Path, rows: list) -> str:
@@ -60,12 +60,12 @@ def write_jsonl(path: Path, rows: list) -> str:
   return str(path)
 
 
-def expected(sp: SentencePieceTokenizer, pieces: list[tuple[str, str]]
+def expected(sp: Tokenizer, pieces: list[tuple[str, str]]
              ) -> tuple[list[int], list[float]]:
   """BOS, then each (kind, text) piece encoded alone; answers ("a") get EOS and weight 1."""
   ids, weights = [BOS], [0.0]
   for kind, text in pieces:
-    piece = sp.encode(text, add_bos=False) + ([EOS] if kind == "a" else [])
+    piece = sp.encode(text, add_special_tokens=False) + ([EOS] if kind == "a" else [])
     ids += piece
     weights += [float(kind == "a")] * len(piece)
   return ids, weights
@@ -230,7 +230,7 @@ def test_render_weights_answers_and_their_eos_only(sp, model_dir):
   assert (ids, weights) == expected(sp, medllama_pieces(EXCHANGES, SYSTEM))
   assert sorted(set(weights)) == [0.0, 1.0] and ids.count(EOS) == len(EXCHANGES)
   # A seqio vocabulary renders the same ids as the Tokenizer.
-  assert chat.render(multi, llama_vocabulary(model_dir)) == (ids, weights)
+  assert chat.render(multi, model_vocabulary(model_dir)) == (ids, weights)
 
 
 def test_render_prompt_round_trip_on_the_demo_sample(sp):
@@ -243,11 +243,11 @@ def test_render_prompt_round_trip_on_the_demo_sample(sp):
         continue
       prompt = chat.render_prompt(instruct.Conversation(conversation.turns[:-1],
                                                         conversation.context), sp, template)
-      answer = sp.encode(conversation.turns[-1].text, add_bos=False) + [EOS]
+      answer = sp.encode(conversation.turns[-1].text, add_special_tokens=False) + [EOS]
       assert ids == prompt + answer
       assert weights[len(prompt):] == [1.0] * len(answer)
       assert weights[:len(prompt)].count(1.0) == (len(conversation.dialogue) // 2 - 1) + sum(
-          len(sp.encode(t.text, add_bos=False)) for t in conversation.dialogue[1:-1:2])
+          len(sp.encode(t.text, add_special_tokens=False)) for t in conversation.dialogue[1:-1:2])
   with pytest.raises(ValueError, match="ends with a user turn"):
     chat.render_prompt(conversation, sp)
 
@@ -313,7 +313,7 @@ def test_truncation_drops_turns_then_prompt_then_answer_tail(tmp_path, sp, model
   conversation = instruct.parse_record(MULTI)
   tokens, kinds, exchanges = [BOS], [chat.Kind.TEMPLATE], [0]
   for segment in chat.segments(conversation):
-    ids = sp.encode(segment.text, add_bos=False)
+    ids = sp.encode(segment.text, add_special_tokens=False)
     ids += [EOS] if segment.kind == chat.Kind.ANSWER else []
     tokens += ids
     kinds += [segment.kind] * len(ids)
@@ -322,8 +322,8 @@ def test_truncation_drops_turns_then_prompt_then_answer_tail(tmp_path, sp, model
   assert tokens == full
   last_two, _ = expected(sp, medllama_pieces(EXCHANGES[1:], SYSTEM))
   last_only, _ = expected(sp, medllama_pieces(EXCHANGES[2:], SYSTEM))
-  answer = sp.encode(EXCHANGES[2][1], add_bos=False) + [EOS]
-  prompt_ids = sum(len(sp.encode(text, add_bos=False)) for text in (SYSTEM, EXCHANGES[2][0]))
+  answer = sp.encode(EXCHANGES[2][1], add_special_tokens=False) + [EOS]
+  prompt_ids = sum(len(sp.encode(text, add_special_tokens=False)) for text in (SYSTEM, EXCHANGES[2][0]))
   template_ids = len(last_only) - prompt_ids - len(answer)  # BOS and template text
   assert prompt_ids > 3 and len(answer) > 3
 

@@ -95,7 +95,8 @@ def test_release_prompt_is_exact(vocab_path: str, dataset: str, index: int):
   prompt = RELEASE_PROMPTS[dataset, index]
   assert example["inputs_pretokenized"].decode() == prompt
   vocabulary = seqio.get_mixture_or_task(name).output_features["inputs"].vocabulary
-  assert example["inputs"].tolist() == [vocabulary.bos_id, *vocabulary.encode(prompt)]
+  assert example["inputs"].tolist() == vocabulary.tokenizer.encode(prompt)
+  assert example["inputs"].tolist()[0] == vocabulary.bos_id
   assert vocabulary.decode(example["targets"].tolist()) == example["targets_pretokenized"].decode()
   assert example["index"] == index
 

@@ -24,8 +24,8 @@ import tensorflow as tf
 
 from medllama_jax import partitioning
 from medllama_jax.data.pipeline import global_batch, make_data_iterator
-from medllama_jax.data.vocab import llama_vocabulary
-from medllama_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from medllama_jax.data.vocab import model_vocabulary
+from medllama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from seqio_tasks.pretrain import CORPORA, register_pretrain_mixture, register_text_task
 
 FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
@@ -80,8 +80,8 @@ def vocab_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def sp(vocab_path: str) -> SentencePieceTokenizer:
-  return SentencePieceTokenizer(vocab_path)
+def sp(vocab_path: str) -> Tokenizer:
+  return load_tokenizer(os.path.dirname(vocab_path))
 
 
 @pytest.fixture(scope="module")
@@ -118,31 +118,31 @@ def assert_same_batches(a: list[dict[str, np.ndarray]], b: list[dict[str, np.nda
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def test_vocabulary_follows_llama_conventions(vocab_path: str, sp: SentencePieceTokenizer):
-  vocab = llama_vocabulary(vocab_path)
+def test_vocabulary_follows_llama_conventions(vocab_path: str, sp: Tokenizer):
+  vocab = model_vocabulary(vocab_path)
   assert (vocab.vocab_size, vocab.extra_ids) == (VOCAB_SIZE, 0)
   assert (vocab.unk_id, vocab.bos_id, vocab.eos_id, vocab.pad_id) == (0, 1, 2, 0)
   text = "Troponin rose from 0.02 to 0.85 ng/mL over 3 hours."
-  ids = sp.encode(text, add_bos=False)
+  ids = sp.encode(text, add_special_tokens=False)
   assert ids[0] not in (1, 2) and ids[-1] not in (1, 2)
   assert list(vocab.encode(text)) == ids  # no BOS, no EOS
   assert vocab.encode_tf(tf.constant(text)).numpy().tolist() == ids
-  assert llama_vocabulary(os.path.dirname(vocab_path)) == vocab  # a model folder works too
+  assert model_vocabulary(os.path.dirname(vocab_path)) == vocab  # a model folder works too
 
 
-def test_non_llama_vocabulary_is_rejected(tmp_path: Path):
-  spm.SentencePieceTrainer.train(  # T5's conventions: PAD 0, EOS 1, UNK 2, no BOS
+def test_unigram_sentencepiece_model_is_rejected(tmp_path: Path):
+  spm.SentencePieceTrainer.train(  # T5's tokenizer: a unigram model, PAD 0, EOS 1, UNK 2, no BOS
       input=str(resources.files("medllama_jax") / "demo_data" / "medical_notes.txt"),
-      model_prefix=str(tmp_path / "t5"), vocab_size=VOCAB_SIZE, character_coverage=1.0,
+      model_prefix=str(tmp_path / "tokenizer"), vocab_size=VOCAB_SIZE, character_coverage=1.0,
       pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
-  with pytest.raises(ValueError, match="special ids {'unk': 2, 'bos': -1, 'eos': 1}; a LLaMA"):
-    llama_vocabulary(str(tmp_path / "t5.model"))
+  with pytest.raises(ValueError, match=r"tokenizer\.model: a SentencePiece model of type 1; LLaMA"):
+    model_vocabulary(str(tmp_path / "tokenizer.model"))
 
 
-def test_task_yields_bos_document_eos(data_dir: Path, vocab_path: str, sp: SentencePieceTokenizer):
+def test_task_yields_bos_document_eos(data_dir: Path, vocab_path: str, sp: Tokenizer):
   task = seqio.get_mixture_or_task(
       register_text_task("test_pubmed", str(data_dir / "pubmed_abstracts"), vocab_path))
-  expected = {doc_id: [1] + sp.encode(text, add_bos=False) + [2]
+  expected = {doc_id: [1] + sp.encode(text, add_special_tokens=False) + [2]
               for doc_id, text in DOCUMENTS["pubmed_abstracts"]["validation"]}
   dataset = task.get_dataset({"targets": 4096}, split="validation", shuffle=False)
   assert {ex["id"].decode(): ex["targets"].tolist() for ex in dataset.as_numpy_iterator()} == expected
@@ -261,9 +261,9 @@ def test_restored_iterator_continues_exactly(mixture: str, tmp_path: Path):
 
 @pytest.mark.parametrize("split", ["train", "validation"])  # sharded by file / by example
 def test_shards_read_disjoint_documents(data_dir: Path, vocab_path: str,
-                                        sp: SentencePieceTokenizer, split: str):
+                                        sp: Tokenizer, split: str):
   task = register_text_task("test_redpajama", str(data_dir / "redpajama"), vocab_path)
-  doc_of = {tuple([1] + sp.encode(text, add_bos=False) + [2]): doc_id
+  doc_of = {tuple([1] + sp.encode(text, add_special_tokens=False) + [2]): doc_id
             for doc_id, text in DOCUMENTS["redpajama"][split]}
   length = 256
   assert max(map(len, doc_of)) <= length  # one row per document

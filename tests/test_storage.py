@@ -91,7 +91,7 @@ def test_tokenizer_read_from_and_copied_within_a_bucket(bucket: Path, tmp_path: 
   local = load_tokenizer(bucket / "src")
   sample = "Troponin rose over 3 hours."
   assert tokenizer.encode(sample) == local.encode(sample)
-  assert not str(tokenizer.model_path).startswith("gs:")
+  assert tokenizer.source.endswith("dst/tokenizer.model")  # named as the user gave it
 
 
 def test_model_folder_is_staged_then_renamed_in_a_bucket(bucket: Path, monkeypatch):

@@ -16,8 +16,8 @@
 datasets, ``mmlu`` is the general-domain one); each is read from ``{data_dir}/{dataset}/`` and
 tokenized with the model folder's tokenizer. With ``--api_base_url`` the prompts' text goes to a
 served model instead (``medllama_jax/eval/api.py``; the key is read from the environment); the
-tasks still tokenize their prompts when registered, with ``--tokenizer`` (a LLaMA
-``tokenizer.model`` or a folder holding it; ``--model``'s by default), but nothing sent or scored
+tasks still tokenize their prompts when registered, with ``--tokenizer`` (a tokenizer
+folder: ``tokenizer.model`` or ``tokenizer.json``; ``--model``'s by default), but nothing sent or scored
 depends on those ids. Answers are cached under ``{out}/api_cache/``: rerunning after a failure
 sends only the missing prompts. The gin form runs ``evaluator.evaluate`` as bound
 (``gin/eval_mibe.gin``); gin files are looked up as ``medllama-train`` looks them up.
@@ -86,8 +86,8 @@ def build_parser() -> console.ArgumentParser:
                       help="retries of a request after 408/429/5xx, timeouts, connection errors")
   served.add_argument("--api_timeout", type=float, default=120.0, help="seconds per request")
   served.add_argument("--tokenizer",
-                      help="LLaMA tokenizer.model (or a folder holding it) the tasks are "
-                           "registered with; --model's by default")
+                      help="tokenizer folder (tokenizer.model or tokenizer.json) the tasks "
+                           "are registered with; --model's by default")
   parser.add_argument("--compare_to_paper", choices=paper.MODELS, default=None, metavar="MODEL",
                       help="put the paper's published Table 3 numbers for MODEL beside ours in "
                            f"results.md/results.json; one of {', '.join(paper.MODELS)} (gin: "
@@ -138,8 +138,8 @@ def _vocabulary_path(parser: argparse.ArgumentParser, args: argparse.Namespace) 
       parser.error("--tokenizer is for --api_base_url runs; a local model brings its own")
     return args.model
   if args.tokenizer is None and args.model is None:
-    parser.error("with --api_base_url, give --tokenizer (a LLaMA tokenizer.model or a folder "
-                 "holding it) to register the tasks with")
+    parser.error("with --api_base_url, give --tokenizer (a folder holding tokenizer.model or "
+                 "tokenizer.json) to register the tasks with")
   return args.tokenizer or args.model
 
 

@@ -49,10 +49,11 @@ def build_parser() -> console.ArgumentParser:
 
 
 def encode_prompt(tok: Tokenizer, prompt: str, chat_template: str | None = None) -> list[int]:
-  """Prompt ids: the text as given (BOS first), or with a ``chat_template`` what an instruction-
-  tuned model saw before the answer to ``prompt`` as its one user turn."""
+  """Prompt ids: the text as the tokenizer encodes it (with the BOS it adds, as transformers), or
+  with a ``chat_template`` what an instruction-tuned model saw before the answer to ``prompt`` as
+  its one user turn."""
   if chat_template is None:
-    return tok.encode(prompt, add_bos=tok.bos_id is not None)
+    return tok.encode(prompt)
   return chat.render_prompt(Conversation((Turn(USER, prompt),)), tok, chat_template)
 
 

@@ -286,7 +286,7 @@ def _ensure_hf_tokenizer_config(directory: str) -> None:
   """A bare ``tokenizer.model`` gets the ``tokenizer_config.json`` that ``AutoTokenizer`` needs."""
   has_sp = os.path.exists(os.path.join(directory, "tokenizer.model"))
   if has_sp and not os.path.exists(os.path.join(directory, "tokenizer_config.json")):
-    tokenizer.write_hf_tokenizer_config(directory, tokenizer.load_tokenizer(directory))
+    tokenizer.write_hf_tokenizer_config(directory)
 
 
 def _write_generation_config(directory: str, config: LlamaConfig) -> None:

@@ -1,6 +1,7 @@
 """seqio preprocessors for LLaMA-style causal language modelling of whole documents.
 
-A tokenized document becomes ``[BOS] + tokens + [EOS]`` (:func:`add_bos_eos`; placed before seqio's cache,
+A tokenized document becomes ``[BOS] + tokens + [EOS]`` (:func:`frame_documents`, with the BOS only where the
+tokenizer adds one; placed before seqio's cache,
 as it does not depend on the sequence length), then is cut into chunks that each fit one row
 (:func:`split_into_chunks`; after the cache, since it does). Without the cut, seqio's packing would
 truncate every example longer than a row: a 20k-token PMC article would keep its first 4,096 tokens.
@@ -28,18 +29,20 @@ import tensorflow as tf
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def add_bos_eos(dataset: tf.data.Dataset,
-                output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
-  """``targets`` → ``[BOS] + targets + [EOS]``, with the special ids of the ``targets`` vocabulary.
+def frame_documents(dataset: tf.data.Dataset,
+                    output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """``targets`` → ``prefix + targets + [EOS]``: what the ``targets`` vocabulary's tokenizer puts
+  before a text (``[BOS]`` for LLaMA, nothing for GPT-2-style tokenizers), then the document, then
+  EOS, which ends every document whatever the tokenizer adds after a text.
 
   For raw text (pre-training); instruction examples get theirs where prompt and response are joined.
   """
   vocabulary = output_features["targets"].vocabulary
-  bos = tf.constant([vocabulary.bos_id], tf.int32)
+  prefix = tf.constant(vocabulary.prefix_ids, tf.int32, shape=[len(vocabulary.prefix_ids)])
   eos = tf.constant([vocabulary.eos_id], tf.int32)
 
   def add(example):
-    return {**example, "targets": tf.concat([bos, example["targets"], eos], axis=0)}
+    return {**example, "targets": tf.concat([prefix, example["targets"], eos], axis=0)}
 
   return dataset.map(add, num_parallel_calls=AUTOTUNE)
 
