@@ -46,7 +46,8 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "torch==2.13.0",
-            "transformers>=4.45",
+            # Tokenization is checked against transformers 5's AutoTokenizer (its loading rules).
+            "transformers>=5,<6",
             "safetensors>=0.4",
             # Reference libraries the evaluation metrics are checked against.
             "scikit-learn>=1.3",
