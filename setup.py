@@ -55,7 +55,13 @@ setup(
             "bert-score>=0.3.13",
             # libtpu, the version jax pins: tests compile for compile-only TPU devices (no TPU).
             "jax[tpu]",
+            # tests/test_harness.py runs lm-evaluation-harness on our model and on its hf backend
+            # (which needs accelerate).
+            "lm_eval>=0.4,<0.5",
+            "accelerate>=0.26",
         ],
+        # lm-evaluation-harness on the model as it runs on the mesh (medllama-lm-eval).
+        "lm_eval": ["lm_eval>=0.4,<0.5"],
         # BERTScore for the summarization tasks, with a model folder the user provides.
         "bertscore": ["bert-score>=0.3.13"],
     },
@@ -69,6 +75,8 @@ setup(
             "medllama-contamination=medllama_jax.cli.contamination:run",
             "medllama-plan=medllama_jax.cli.plan:run",
             "medllama-tpu=medllama_jax.cli.tpu:run",
+            "medllama-lm-eval=medllama_jax.cli.lm_eval:run",
+            "medllama-forgetting=medllama_jax.cli.forgetting:run",
         ],
     },
 )
