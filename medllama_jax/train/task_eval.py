@@ -16,21 +16,37 @@ saved or reloaded for it and a curve of task scores costs no checkpoint. It writ
 ``medllama-eval`` writes (``results.json``, ``results.md``) under ``run_dir/task_eval/step_{N}/``;
 the trainer adds the scalars ``{task}/{metric}`` to the run's TensorBoard and ``metrics.jsonl`` at
 step N.
+
+lm-evaluation-harness tasks (general-domain benchmarks, to watch forgetting while training) run
+the same way, through ``medllama_jax.eval.harness`` on the parameters in memory (lm_eval, an
+optional extra, is imported only when they are set)::
+
+  TaskEvaluation.harness_tasks = ["arc_easy", "hellaswag"]
+  TaskEvaluation.harness_tokenizer = %INIT_CHECKPOINT   # the trainer holds no tokenizer
+  TaskEvaluation.harness_include_path = "/data/harness_tasks"   # local task YAMLs, if any
+  TaskEvaluation.harness_limit = 500
+
+Their scores go to ``run_dir/task_eval/step_{N}/harness.json`` and, as the MIBE ones, to the
+scalars ``{task}/{metric}``. ``task_names`` may then be empty.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 
 import gin
+import jax
 import seqio
+from etils import epath
 
 from medllama_jax import chat, loading
 from medllama_jax.eval import evaluator
 
 OUT_SUBDIR = "task_eval"
+HARNESS_FILE = "harness.json"
 
 
 @gin.configurable
@@ -38,7 +54,10 @@ OUT_SUBDIR = "task_eval"
 class TaskEvaluation:
   """Which registered Tasks to run every ``every`` steps (and at the last step), and how to decode
   (as ``evaluator.EvalSettings``: greedy, up to ``max_new_tokens``, ``batch_size`` prompts a batch).
-  Checked when the trainer starts, not first at step ``every``."""
+  ``harness_tasks``: lm-evaluation-harness tasks run as ``run_harness`` runs them
+  (``harness_include_path``, ``harness_num_fewshot``, ``harness_limit``), the prompts encoded with
+  the tokenizer of the folder ``harness_tokenizer``. Checked when the trainer starts, not first at
+  step ``every``."""
 
   task_names: Sequence[str] = ()
   every: int = 1000
@@ -48,13 +67,19 @@ class TaskEvaluation:
   stop_sequences: Sequence[str] = ()
   score_options: bool = True
   write_predictions: bool = False
+  harness_tasks: Sequence[str] = ()
+  harness_tokenizer: str | None = None
+  harness_include_path: str | None = None
+  harness_num_fewshot: int | None = None
+  harness_limit: int | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "task_names", tuple(self.task_names))
     object.__setattr__(self, "stop_sequences", tuple(self.stop_sequences))
-    if not self.task_names:
+    object.__setattr__(self, "harness_tasks", tuple(self.harness_tasks))
+    if not self.task_names and not self.harness_tasks:
       raise ValueError("TaskEvaluation.task_names is empty: bind it, e.g. to "
-                       "@seqio_tasks.mibe.register_mibe_tasks()")
+                       "@seqio_tasks.mibe.register_mibe_tasks(), or bind harness_tasks")
     if self.every < 1:
       raise ValueError(f"TaskEvaluation.every={self.every} must be at least 1")
     if self.chat_template is not None and self.chat_template not in chat.TEMPLATES:
@@ -62,6 +87,24 @@ class TaskEvaluation:
                        f"{sorted(chat.TEMPLATES)}")
     for name in self.task_names:
       seqio.get_mixture_or_task(name)  # An unknown name fails now, naming the registered ones.
+    if self.harness_tasks:
+      self._check_harness_tasks()
+
+  def _check_harness_tasks(self) -> None:
+    """lm_eval installed, every harness task known, a tokenizer folder named."""
+    if self.harness_tokenizer is None:
+      raise ValueError("TaskEvaluation.harness_tasks need harness_tokenizer: a folder with the "
+                       "model's tokenizer (e.g. %INIT_CHECKPOINT); the trainer holds none")
+    try:
+      import lm_eval.tasks
+    except ImportError as e:
+      raise ValueError("TaskEvaluation.harness_tasks need lm_eval: pip install -e '.[lm_eval]'"
+                       ) from e
+    known = lm_eval.tasks.TaskManager(include_path=self.harness_include_path).all_tasks
+    unknown = [name for name in self.harness_tasks if name not in known]
+    if unknown:
+      raise ValueError(f"TaskEvaluation.harness_tasks: unknown to lm_eval: {', '.join(unknown)} "
+                       f"(include_path: {self.harness_include_path})")
 
   @property
   def settings(self) -> evaluator.EvalSettings:
@@ -71,10 +114,29 @@ class TaskEvaluation:
   def run(self, loaded: loading.LoadedModel, run_dir: str, step: int) -> dict[str, float]:
     """Evaluates ``loaded`` (the run's model at ``step``), writes the results and returns the
     scalars ``{task}/{metric}`` of the scores (``evaluator.score_scalars``: metrics that were not
-    computed, such as BERTScore without an encoder, and settings such as seeds are left out)."""
+    computed, such as BERTScore without an encoder, and settings such as seeds are left out), then
+    those of the harness tasks."""
     out_dir = os.path.join(run_dir, OUT_SUBDIR, f"step_{step}")
-    metrics = evaluator.evaluate_model(loaded, self.task_names, out_dir, self.settings,
-                                       f"{run_dir} (training step {step})",
-                                       self.write_predictions, step)
-    return {f"{task}/{key}": value for task, values in metrics.items()
-            for key, value in evaluator.score_scalars(values).items()}
+    scores = {}
+    if self.task_names:
+      metrics = evaluator.evaluate_model(loaded, self.task_names, out_dir, self.settings,
+                                         f"{run_dir} (training step {step})",
+                                         self.write_predictions, step)
+      scores.update({task: evaluator.score_scalars(values) for task, values in metrics.items()})
+    if self.harness_tasks:
+      scores.update(self._run_harness(loaded, out_dir))
+    return {f"{task}/{key}": value for task, values in scores.items()
+            for key, value in values.items()}
+
+  def _run_harness(self, loaded: loading.LoadedModel, out_dir: str) -> dict[str, dict[str, float]]:
+    """The harness tasks on ``loaded``, written to ``out_dir/harness.json``."""
+    from medllama_jax.eval import harness
+
+    lm = harness.MedllamaLM(loaded, batch_size=self.batch_size, max_gen_toks=self.max_new_tokens,
+                            tokenizer=self.harness_tokenizer)
+    scores = harness.run_harness(lm, self.harness_tasks, self.harness_include_path,
+                                 self.harness_num_fewshot, self.harness_limit)
+    if jax.process_index() == 0:
+      epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+      (epath.Path(out_dir) / HARNESS_FILE).write_text(json.dumps(scores, indent=2))
+    return scores
