@@ -56,6 +56,7 @@ def test_mesh_gin_builds_mesh(path):
 
 RECIPE_FILES = sorted(GIN_DIR.glob("pretrain_me_llama_*b.gin")) + [GIN_DIR / "demo" / "pretrain_demo.gin"]
 EVAL_FILE = GIN_DIR / "eval_mibe.gin"
+FORGETTING_FILE = GIN_DIR / "forgetting.gin"
 # Included by the recipes, never parsed alone.
 INCLUDED_FILES = [GIN_DIR / "pretrain_me_llama_common.gin"]
 
@@ -63,7 +64,7 @@ INCLUDED_FILES = [GIN_DIR / "pretrain_me_llama_common.gin"]
 def test_every_gin_file_is_covered_by_a_test():
   covered = (set(MODEL_FILES) | set(MESH_FILES) | set(RECIPE_FILES) | set(INCLUDED_FILES)
              | set(INSTRUCT_RECIPE_FILES) | {EVAL_FILE} | set(SUPERVISED_RECIPE_FILES)
-             | set(HARDWARE_FILES))
+             | set(HARDWARE_FILES) | {FORGETTING_FILE})
   assert covered == set(GIN_DIR.rglob("*.gin"))
 
 
@@ -225,6 +226,20 @@ def test_eval_gin_registers_every_mibe_task_with_the_release_protocol(prepared):
   for name in names:
     assert next(iter(seqio.get_mixture_or_task(name).get_dataset(None, split="test",
                                                                   shuffle=False)))["inputs"].shape[0]
+
+
+def test_forgetting_gin_builds_the_papers_general_task_set():
+  """The study the file configures, with task names lm_eval knows."""
+  import lm_eval.tasks
+  from medllama_jax.cli import gin_flags as cli
+  from medllama_jax.eval import forgetting
+
+  cli.parse_gin([str(FORGETTING_FILE)], [], [])
+  study = forgetting.ForgettingStudy()
+  assert study.harness_tasks == forgetting.PAPER_GENERAL_TASKS
+  assert (study.num_fewshot, study.limit, study.mibe_tasks) == (None, None, ())
+  known = lm_eval.tasks.TaskManager().all_tasks
+  assert [t for t in study.harness_tasks if t not in known] == []
 
 
 SUPERVISED_RECIPE_FILES = [GIN_DIR / "supervised_me_llama_13b.gin",
