@@ -32,7 +32,9 @@ from tests.helpers import make_hf_model, save_hf_model  # noqa: E402
 RTOL = ATOL = 1e-4
 MAX_LENGTH = 32
 TASKS = ("mj_choice", "mj_rolling", "mj_generate")
+# One device, so that the runs share their compiled programs; the Orbax run uses a 2x2x2 mesh.
 ARGS = dict(max_length=MAX_LENGTH, batch_size=4)
+OURS = dict(ARGS, mesh="1,1,1")
 
 CHOICE_DOCS = [
     {"question": "The patient presented with", "choices": [" fever", " a cough", " pain"],
@@ -107,13 +109,16 @@ def folders(tmp_path_factory):
   tokenizer.copy_tokenizer_files(tok_dir, hf_dir)
   orbax_dir = str(root / "orbax")
   hf.hf_to_orbax(hf_dir, orbax_dir)
-  return {"hf": hf_dir, "orbax": orbax_dir, "tasks": _write_tasks(root / "tasks"), "root": root}
+  tasks_dir = _write_tasks(root / "tasks")
+  # Our tasks alone: indexing lm_eval's own thousands of task files takes ~10 s each time.
+  task_manager = lm_eval.tasks.TaskManager(include_path=tasks_dir, include_defaults=False)
+  return {"hf": hf_dir, "orbax": orbax_dir, "tasks": tasks_dir, "root": root,
+          "task_manager": task_manager}
 
 
 def _evaluate(model, folders, tasks=TASKS, **kwargs):
-  return lm_eval.simple_evaluate(
-      model=model, tasks=list(tasks), log_samples=True,
-      task_manager=lm_eval.tasks.TaskManager(include_path=folders["tasks"]), **kwargs)
+  return lm_eval.simple_evaluate(model=model, tasks=list(tasks), log_samples=True,
+                                 task_manager=folders["task_manager"], **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +131,12 @@ def hf_results(folders):
 def orbax_results(folders):
   # A 2x2x2 mesh over the eight test devices, written as model_args writes it.
   return _evaluate("medllama-jax", folders, model_args=dict(
-      model=folders["orbax"], mesh="data=2;fsdp=2;tensor=2", **ARGS))
+      OURS, model=folders["orbax"], mesh="data=2;fsdp=2;tensor=2"))
+
+
+@pytest.fixture(scope="module")
+def hf_folder_lm(folders):
+  return harness.MedllamaLM(folders["hf"], **OURS)
 
 
 def _responses(results, task):
@@ -167,14 +177,13 @@ def test_orbax_folder_matches_hf_backend(orbax_results, hf_results):
   assert any(g != [""] for g in _responses(hf_results, "mj_generate"))
 
 
-def test_hf_folder_matches_hf_backend(folders, hf_results):
-  ours = _evaluate(harness.MedllamaLM(folders["hf"], **ARGS), folders)
+def test_hf_folder_matches_hf_backend(folders, hf_results, hf_folder_lm):
+  ours = _evaluate(hf_folder_lm, folders)
   _assert_all_match(ours, hf_results)
 
 
-def test_run_harness_metrics(folders, orbax_results):
-  loaded = harness.load(folders["orbax"], mesh="1,1,8")
-  metrics = harness.run_harness(harness.MedllamaLM(loaded, **ARGS), ["mj_choice", "mj_rolling"],
+def test_run_harness_metrics(folders, orbax_results, hf_folder_lm):
+  metrics = harness.run_harness(hf_folder_lm, ["mj_choice", "mj_rolling"],
                                 include_path=folders["tasks"])
   assert set(metrics) == {"mj_choice", "mj_rolling"}
   assert metrics["mj_choice"]["acc"] == orbax_results["results"]["mj_choice"]["acc,none"]
@@ -199,13 +208,13 @@ def _random_adapters(base_dir, adapters_dir, mesh):
 
 
 def test_unmerged_adapters_match_merged_model(folders):
-  mesh = partitioning.make_mesh(1, 1, 8)
+  mesh = partitioning.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   root = folders["root"]
   adapters_dir = _random_adapters(folders["orbax"], str(root / "adapters"), mesh)
   merged_dir = loading.merge_lora(folders["orbax"], adapters_dir, str(root / "merged"), mesh)
-  unmerged = _evaluate(harness.MedllamaLM(folders["orbax"], adapters=adapters_dir, **ARGS),
+  unmerged = _evaluate(harness.MedllamaLM(folders["orbax"], adapters=adapters_dir, **OURS),
                        folders, tasks=["mj_choice", "mj_rolling"])
-  merged = _evaluate(harness.MedllamaLM(merged_dir, **ARGS), folders,
+  merged = _evaluate(harness.MedllamaLM(merged_dir, **OURS), folders,
                      tasks=["mj_choice", "mj_rolling"])
   _assert_loglikelihoods_match(unmerged, merged, "mj_choice")
   _assert_metrics_match(unmerged, merged, "mj_rolling")
@@ -215,7 +224,7 @@ def test_cli_runs_lm_eval_with_our_model(folders, orbax_results, tmp_path):
   out = tmp_path / "out"
   status = lm_eval_cli.main([
       "--model", "medllama-jax", "--model_args",
-      f"model={folders['orbax']},mesh=1;1;8,max_length={MAX_LENGTH}", "--batch_size", "4",
+      f"model={folders['orbax']},mesh=1;1;1,max_length={MAX_LENGTH}", "--batch_size", "4",
       "--tasks", "mj_choice", "--include_path", folders["tasks"], "--output_path", str(out)])
   assert status == 0
   [results_file] = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files
