@@ -353,7 +353,20 @@ def _set_post_processor(backend: tokenizers.Tokenizer, add_bos: bool, add_eos: b
 
 
 def load_tokenizer(model_dir: StrPath) -> Tokenizer:
-  """The tokenizer of a model folder (local or remote), by the rules of the module docstring."""
+  """The tokenizer of a model folder (local or remote), by the rules of the module docstring.
+
+  ``model_dir`` may also name a tokenizer file: ``tokenizer.json`` / ``tokenizer.model`` stand for
+  their folder; a SentencePiece ``.model`` of another name is read as Meta's bare release.
+  """
+  named = epath.Path(model_dir)
+  if named.is_file():
+    if named.name in (HF_TOKENIZER_FILE, SENTENCEPIECE_FILE):
+      return load_tokenizer(named.parent)
+    if named.suffix != ".model":
+      raise ValueError(f"{os.fspath(model_dir)}: not a tokenizer folder, {HF_TOKENIZER_FILE}, or "
+                       "SentencePiece .model file")
+    backend, own = _from_sentencepiece(storage.local_copy(named), TokenizerSettings())
+    return _finish(backend, TokenizerSettings(), own, True, False, os.fspath(model_dir))
   json_path = epath.Path(model_dir) / HF_TOKENIZER_FILE
   sp_path = epath.Path(model_dir) / SENTENCEPIECE_FILE
   settings = read_settings(model_dir)
@@ -374,6 +387,13 @@ def load_tokenizer(model_dir: StrPath) -> Tokenizer:
   else:
     raise FileNotFoundError(f"no tokenizer in {os.fspath(model_dir)!r}: expected "
                             f"{HF_TOKENIZER_FILE!r} or {SENTENCEPIECE_FILE!r}")
+  return _finish(backend, settings, special, add_bos, add_eos, source)
+
+
+def _finish(backend: tokenizers.Tokenizer, settings: TokenizerSettings,
+            special: Mapping[str, str | None], add_bos: bool, add_eos: bool,
+            source: str) -> Tokenizer:
+  """Named tokens added, a post-processor where the pipeline has none, no truncation/padding."""
   _add_named_tokens(backend, settings, special)
   if backend.post_processor is None:
     _set_post_processor(backend, add_bos, add_eos, special.get("bos_token"),

@@ -237,3 +237,16 @@ def test_train_sentencepiece_deterministic_llama_convention(tmp_path: Path):
 def test_write_hf_tokenizer_config_needs_a_sentencepiece_model(tmp_path: Path):
   with pytest.raises(FileNotFoundError, match="tokenizer.model"):
     write_hf_tokenizer_config(tmp_path)
+
+
+def test_a_tokenizer_file_may_be_named_directly(tmp_path: Path):
+  folder = families.build("sentencepiece_llama2", tmp_path / "sp")
+  shutil.copyfile(folder / "tokenizer.model", tmp_path / "llama.model")
+  bare = load_tokenizer(tmp_path / "llama.model")  # Meta's convention, like a bare folder
+  assert bare.prefix_ids == (1,) and bare.encode("the heart") == load_tokenizer(folder).encode(
+      "the heart")
+  llama3 = families.build("llama3", tmp_path / "llama3")
+  assert load_tokenizer(llama3 / "tokenizer.json").to_str() == load_tokenizer(llama3).to_str()
+  assert model_vocabulary(str(tmp_path / "llama.model")).prefix_ids == (1,)
+  with pytest.raises(ValueError, match="not a tokenizer folder"):
+    load_tokenizer(llama3 / "tokenizer_config.json")

@@ -122,12 +122,7 @@ class TokenizerVocabulary(seqio.Vocabulary):
 
 
 def model_vocabulary(path: str) -> TokenizerVocabulary:
-  """The vocabulary of a model folder, or of the folder holding a given ``tokenizer.model`` /
-  ``tokenizer.json`` file (so configs may name either)."""
-  if not tf.io.gfile.isdir(path) and path.rsplit("/", 1)[-1] in (tokenizer_lib.SENTENCEPIECE_FILE,
-                                                                 tokenizer_lib.HF_TOKENIZER_FILE):
-    path = path.rsplit("/", 1)[0] if "/" in path else "."
-  if not tf.io.gfile.isdir(path):
-    raise FileNotFoundError(f"no tokenizer folder {path!r} (a model folder, or a tokenizer.model / "
-                            "tokenizer.json inside one)")
+  """The vocabulary of a model folder or of a tokenizer file (``load_tokenizer`` says which)."""
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"no tokenizer folder or file {path!r}")
   return TokenizerVocabulary(path)
