@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
+import jax
 from absl import logging
 from etils import epath
 
@@ -183,8 +184,9 @@ def evaluate_entry(entry: ModelEntry, study: ForgettingStudy, mesh, out_dir: str
   if study.harness_tasks:
     with progress.stage(f"{entry.name}: lm-evaluation-harness {', '.join(study.harness_tasks)}"):
       scores.update(harness_scores(loaded, study))
-    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(model_dir) / "harness.json").write_text(json.dumps(scores, indent=2))
+    if jax.process_index() == 0:
+      epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+      (epath.Path(model_dir) / "harness.json").write_text(json.dumps(scores, indent=2))
   if study.mibe_tasks:
     with progress.stage(f"{entry.name}: MIBE {', '.join(study.mibe_tasks)}"):
       mibe = mibe_scores(loaded, entry, study, os.path.join(model_dir, "mibe"))
@@ -268,11 +270,14 @@ def write_tensorboard(out_dir: str, entries: Sequence[ModelEntry], values: Mappi
 
 def write_report(out_dir: str, entries: Sequence[ModelEntry], base: str,
                  values: Mapping[str, Scores], study: ForgettingStudy) -> dict[str, Any]:
-  """forgetting.md, forgetting.json and the runs' TensorBoard scalars; returns the JSON record."""
+  """forgetting.md, forgetting.json and the runs' TensorBoard scalars (written by the primary
+  host); returns the JSON record."""
   changes = deltas(values, base)
   record = {"base": base, "models": [e.record() for e in entries], "settings": study.record(),
             "tasks": {"harness": list(study.harness_tasks), "mibe": list(study.mibe_tasks)},
             "values": values, "deltas": changes}
+  if jax.process_index() != 0:
+    return record
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / JSON_FILE).write_text(json.dumps(record, indent=2))
