@@ -13,6 +13,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -26,6 +27,7 @@ from medllama_jax.cli import lm_eval as lm_eval_cli  # noqa: E402
 from medllama_jax.convert import hf  # noqa: E402
 from medllama_jax.eval import harness  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
+from medllama_jax.train import checkpoints, step as train_step  # noqa: E402
 from tests import tokenizer_families  # noqa: E402
 from tests.helpers import make_hf_model, save_hf_model  # noqa: E402
 
@@ -218,6 +220,31 @@ def test_unmerged_adapters_match_merged_model(folders):
                      tasks=["mj_choice", "mj_rolling"])
   _assert_loglikelihoods_match(unmerged, merged, "mj_choice")
   _assert_metrics_match(unmerged, merged, "mj_rolling")
+
+
+class _NoData:
+  """The input-pipeline position a run checkpoint saves; nothing to save here."""
+
+  def save(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+
+  def restore(self, directory: str) -> None:
+    pass
+
+
+def test_run_checkpoint_matches_its_model_folder(folders, orbax_results):
+  """A run folder is read at its latest checkpoint, with a named folder's config and tokenizer."""
+  params = loading.load_model(folders["orbax"], partitioning.make_mesh(
+      1, 1, 1, devices=jax.devices()[:1]), with_tokenizer=False).params
+  run_dir = folders["root"] / "run"
+  ckpts = checkpoints.RunCheckpoints(str(run_dir / "checkpoints"), save_every=1, async_save=False)
+  state = train_step.TrainState(step=jnp.array(3, jnp.int32), params=params,
+                                opt_state={"count": jnp.zeros((), jnp.int32)})
+  assert ckpts.save(3, state, _NoData(), {})
+  ckpts.close()
+  ours = _evaluate(harness.MedllamaLM(str(run_dir), config_dir=folders["orbax"], **OURS), folders,
+                   tasks=["mj_choice"])
+  _assert_loglikelihoods_match(ours, orbax_results, "mj_choice")
 
 
 def test_cli_runs_lm_eval_with_our_model(folders, orbax_results, tmp_path):

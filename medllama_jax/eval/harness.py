@@ -48,21 +48,37 @@ Pair = tuple[list[int], list[int]]
 
 
 def load(model: str, mesh: str = "data=1,fsdp=-1,tensor=1", dtype: str = "float32",
-         adapters: str | None = None, verify_checksums: bool = True) -> loading.LoadedModel:
-  """A model folder (Orbax or Hugging Face) on a mesh given as ``--mesh`` is (``"2,2,2"``,
-  ``"data=1,fsdp=-1,tensor=1"``; ``;`` may stand for ``,``, which lm_eval's ``model_args`` string
-  takes as its own separator), computing and holding its weights in ``dtype``."""
+         adapters: str | None = None, verify_checksums: bool = True, step: int | None = None,
+         config_dir: str | None = None) -> loading.LoadedModel:
+  """A model folder (Orbax or Hugging Face) or a training run's checkpoint, on a mesh given as
+  ``--mesh`` is (``"2,2,2"``, ``"data=1,fsdp=-1,tensor=1"``; ``;`` may stand for ``,``, which lm_eval's
+  ``model_args`` string takes as its own separator), computing and holding its weights in ``dtype``.
+
+  A run folder (with ``checkpoints/``) is read at ``step`` (default: its latest complete checkpoint)
+  by ``loading.load_run_checkpoint``, with the config and tokenizer of ``config_dir`` (default: the
+  run's ``final_model``; a run still training needs its init checkpoint named).
+  """
   device_mesh = partitioning.make_mesh(**partitioning.parse_mesh_spec(mesh.replace(";", ",")))
-  return loading.load_model(model, device_mesh, adapters=adapters, dtype=dtype, param_dtype=dtype,
-                            verify_checksums=verify_checksums)
+  runtime = {"dtype": dtype, "param_dtype": dtype}
+  steps = [] if loading.is_orbax_model_dir(model) else loading.run_checkpoint_steps(model)
+  if not steps:
+    return loading.load_model(model, device_mesh, adapters=adapters,
+                              verify_checksums=verify_checksums, **runtime)
+  if adapters is not None:
+    raise ValueError(f"{model} is a run folder: its checkpoints carry their own adapters")
+  step = steps[-1] if step is None else int(step)
+  logging.info("%s: checkpoint of step %d", model, step)
+  return loading.load_run_checkpoint(model, step, device_mesh, model_dir=config_dir,
+                                     verify_checksums=verify_checksums, **runtime)
 
 
 @register_model("medllama-jax")
 class MedllamaLM(TemplateLM):
   """A loaded model (``loading.LoadedModel``, or a folder that ``load`` reads) behind lm_eval's API.
 
-  ``model``: an Orbax model folder, a Hugging Face folder, or a ``LoadedModel`` already on its mesh
-  (what the trainer holds; ``mesh``, ``dtype``, ``adapters`` are then not used). ``tokenizer``: a
+  ``model``: an Orbax model folder, a Hugging Face folder, a training run's folder (``step`` and
+  ``config_dir`` as for ``load``), or a ``LoadedModel`` already on its mesh (what the trainer holds;
+  ``mesh``, ``dtype``, ``adapters`` are then not used). ``tokenizer``: a
   folder whose tokenizer to use when the model has none (a ``LoadedModel`` built without one).
   ``max_length`` defaults to the config's ``max_position_embeddings``, as the ``hf`` backend's does;
   ``add_bos_token`` and ``prefix_token_id`` mean what they mean there. ``batch_size`` rows are
@@ -75,12 +91,13 @@ class MedllamaLM(TemplateLM):
                max_length: int | None = None, max_gen_toks: int = 256,
                tokenizer: str | None = None, add_bos_token: bool | None = None,
                prefix_token_id: int | None = None, skip_checksums: bool = False,
-               seed: int = 0, **unused: Any) -> None:
+               step: int | None = None, config_dir: str | None = None, seed: int = 0,
+               **unused: Any) -> None:
     super().__init__()
     if unused:  # lm_eval adds its own keys (device, ...) to every model's arguments.
       logging.info("medllama-jax: model arguments not used: %s", sorted(unused))
     if isinstance(model, str):
-      model = load(model, mesh, dtype, adapters, verify_checksums=not _as_bool(skip_checksums))
+      model = load(model, mesh, dtype, adapters, not _as_bool(skip_checksums), step, config_dir)
     self.loaded = model
     self.tokenizer_impl = _tokenizer_of(model, tokenizer)
     self.batch_size_per_call = _batch_size(batch_size)
