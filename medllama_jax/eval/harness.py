@@ -31,8 +31,8 @@ from absl import logging
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, \
-  postprocess_generated_text
+from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
+                                  postprocess_generated_text)
 
 from medllama_jax import decode, loading, partitioning
 from medllama_jax.tokenizer import Tokenizer, load_tokenizer
@@ -42,6 +42,9 @@ from medllama_jax.tokenizer import Tokenizer, load_tokenizer
 LENGTH_BUCKET = 64
 
 DEFAULT_BATCH_SIZE = 8
+
+# Arguments lm_eval adds to every model's (the devices are the mesh's here).
+LM_EVAL_ARGS = frozenset({"device", "max_batch_size"})
 
 # A scored pair: (context ids, continuation ids).
 Pair = tuple[list[int], list[int]]
@@ -94,8 +97,9 @@ class MedllamaLM(TemplateLM):
                step: int | None = None, config_dir: str | None = None, seed: int = 0,
                **unused: Any) -> None:
     super().__init__()
-    if unused:  # lm_eval adds its own keys (device, ...) to every model's arguments.
-      logging.info("medllama-jax: model arguments not used: %s", sorted(unused))
+    unknown = sorted(set(unused) - LM_EVAL_ARGS)
+    if unknown:
+      logging.warning("medllama-jax: unknown model arguments, not used: %s", unknown)
     if isinstance(model, str):
       model = load(model, mesh, dtype, adapters, not _as_bool(skip_checksums), step, config_dir)
     self.loaded = model
@@ -275,12 +279,13 @@ def run_harness(lm: MedllamaLM, tasks: Sequence[str], include_path: str | None =
   Metrics are keyed as lm_eval names them without the filter (``acc``, ``acc_norm``,
   ``word_perplexity``, ``exact_match``); a metric computed under several filters keeps lm_eval's
   ``metric,filter`` key for the filters other than ``none``. Standard errors are kept under
-  ``METRIC_stderr``. Groups appear as tasks with their aggregated metrics. ``include_path``: a
-  folder of task YAML files beside lm_eval's own; ``seed`` seeds every random choice (few-shot
-  samples, sampling).
+  ``METRIC_stderr`` (left out where lm_eval has none, "N/A"). Groups appear as tasks with their
+  aggregated metrics. ``include_path``: a folder of task YAML files beside lm_eval's own; ``seed``
+  seeds lm_eval's random choices (few-shot samples; sampled generations use ``lm.seed``).
+  Per-example samples are not kept.
   """
   results = lm_eval.simple_evaluate(
-      model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+      model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=False,
       task_manager=lm_eval.tasks.TaskManager(include_path=include_path),
       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
   return {task: _metrics(values) for task, values in results["results"].items()}
