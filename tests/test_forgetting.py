@@ -201,7 +201,6 @@ def test_run_checkpoints_in_training_and_in_the_report(ws, tmp_path):
   run_dir = tmp_path / "run"
   result = train_run(ws, str(run_dir), (
       f"TaskEvaluation.harness_tasks = ['{TASK}']", "TaskEvaluation.every = 3",
-      f"TaskEvaluation.harness_tokenizer = '{ws['tokenizer']}'",
       f"TaskEvaluation.harness_include_path = '{ws['tasks']}'", "TaskEvaluation.batch_size = 8"),
       total_steps=3, save_every=1, keep_checkpoints=3, task_eval="@TaskEvaluation()")
   assert result.step == 3
@@ -240,11 +239,8 @@ def test_run_checkpoints_in_training_and_in_the_report(ws, tmp_path):
 
 
 def test_task_evaluation_with_harness_tasks_is_checked_at_start(ws):
-  with pytest.raises(ValueError, match="need harness_tokenizer"):
-    task_eval.TaskEvaluation(harness_tasks=[TASK], harness_include_path=ws["tasks"])
   with pytest.raises(ValueError, match="unknown to lm_eval: nope"):
-    task_eval.TaskEvaluation(harness_tasks=[TASK, "nope"], harness_tokenizer=ws["tokenizer"],
-                             harness_include_path=ws["tasks"])
+    task_eval.TaskEvaluation(harness_tasks=[TASK, "nope"], harness_include_path=ws["tasks"])
   with pytest.raises(ValueError, match="task_names is empty"):
     task_eval.TaskEvaluation()
 

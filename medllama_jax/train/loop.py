@@ -51,6 +51,7 @@ from medllama_jax.config import RUNTIME_FIELDS, LlamaConfig, model_config
 from medllama_jax.data import pipeline
 from medllama_jax.lora import LoraConfig
 from medllama_jax.model import Llama
+from medllama_jax.tokenizer import load_tokenizer
 from medllama_jax.train import checkpoints, optimizer as optim, step as train_step, throughput
 from medllama_jax.train.task_eval import TaskEvaluation
 
@@ -376,14 +377,21 @@ def _loss_evaluation(run: _Run, log: _MetricsLog, mixture: str, sequence_length:
   return evaluate
 
 
-def _task_evaluation(run: _Run, log: _MetricsLog, task_eval: TaskEvaluation) -> Evaluation:
+def _task_evaluation(run: _Run, log: _MetricsLog, task_eval: TaskEvaluation,
+                     tokenizer_source: str | None) -> Evaluation:
   """``task_eval`` on the parameters in memory (LoRA: adapters unmerged on the frozen base), with
-  the config the final model folder gets (its token ids), as scalars ``task_eval/*``."""
+  the config and tokenizer the final model folder gets, as scalars ``task_eval/*``."""
   model = Llama(run.export_config, lora=run.model.lora)
+  tokenizer = None  # MIBE tasks bring their own vocabulary; harness tasks need the model's
+  if task_eval.harness_tasks and task_eval.harness_tokenizer is None:
+    if tokenizer_source is None:
+      raise ValueError("TaskEvaluation.harness_tasks need a tokenizer: the run has no "
+                       "init_checkpoint or tokenizer_dir; bind TaskEvaluation.harness_tokenizer")
+    tokenizer = load_tokenizer(tokenizer_source)
 
   def evaluate(step: int, params: Any) -> None:
     loaded = loading.LoadedModel(run.export_config, model,
-                                 train_step.model_params(params, run.frozen), None, run.mesh,
+                                 train_step.model_params(params, run.frozen), tokenizer, run.mesh,
                                  run.rules)
     log.write(step, task_eval.run(loaded, run.run_dir, step), "task_eval")
 
@@ -501,7 +509,8 @@ def train(run_dir: str = gin.REQUIRED, mixture: str = gin.REQUIRED, sequence_len
                                                      global_batch_size, eval_split, seed,
                                                      eval_batches)))
   if task_eval is not None:
-    evaluations.append((task_eval.every, _task_evaluation(run, log, task_eval)))
+    evaluations.append((task_eval.every, _task_evaluation(run, log, task_eval,
+                                                          tokenizer_dir or init_checkpoint)))
   meta = {"mixture": mixture, "seed": seed, "sequence_length": sequence_length,
           "global_batch_size": global_batch_size}
   # The handler stays until the last checkpoint is complete: a second SIGTERM must not kill the

@@ -22,7 +22,6 @@ the same way, through ``medllama_jax.eval.harness`` on the parameters in memory 
 optional extra, is imported only when they are set)::
 
   TaskEvaluation.harness_tasks = ["arc_easy", "hellaswag"]
-  TaskEvaluation.harness_tokenizer = %INIT_CHECKPOINT   # the trainer holds no tokenizer
   TaskEvaluation.harness_include_path = "/data/harness_tasks"   # local task YAMLs, if any
   TaskEvaluation.harness_limit = 500
 
@@ -56,8 +55,8 @@ class TaskEvaluation:
   (as ``evaluator.EvalSettings``: greedy, up to ``max_new_tokens``, ``batch_size`` prompts a batch).
   ``harness_tasks``: lm-evaluation-harness tasks run as ``run_harness`` runs them
   (``harness_include_path``, ``harness_num_fewshot``, ``harness_limit``), the prompts encoded with
-  the tokenizer of the folder ``harness_tokenizer``. Checked when the trainer starts, not first at
-  step ``every``."""
+  the trainer's tokenizer (its ``tokenizer_dir`` or ``init_checkpoint``) unless ``harness_tokenizer``
+  names another folder. Checked when the trainer starts, not first at step ``every``."""
 
   task_names: Sequence[str] = ()
   every: int = 1000
@@ -91,10 +90,7 @@ class TaskEvaluation:
       self._check_harness_tasks()
 
   def _check_harness_tasks(self) -> None:
-    """lm_eval installed, every harness task known, a tokenizer folder named."""
-    if self.harness_tokenizer is None:
-      raise ValueError("TaskEvaluation.harness_tasks need harness_tokenizer: a folder with the "
-                       "model's tokenizer (e.g. %INIT_CHECKPOINT); the trainer holds none")
+    """lm_eval installed, every harness task known."""
     try:
       import lm_eval.tasks
     except ImportError as e:
