@@ -4,9 +4,13 @@ Me-LLaMA continued LLaMA 2's pre-training on biomedical, clinical and general te
 (general text guards against forgetting). Each corpus is a folder written by
 ``scripts/prepare_corpus.py``: TFRecord shards of ``tf.train.Example`` (``text``, ``id``) per split and a
 ``stats.json`` whose ``file_pattern`` maps each split to its shards. Every corpus becomes a Task; the
-Mixture samples them at their rates. Rates count examples, i.e. chunks of at most one row
-(``preprocessors.split_into_chunks`` runs inside each Task, before mixing), so a long article weighs as
-much as its length and the mix follows tokens more closely than documents.
+Mixture samples them at their rates. seqio samples examples, i.e. chunks of at most one row
+(``preprocessors.split_into_chunks`` runs inside each Task, before mixing), so a corpus's share of the
+trained tokens is its rate times its mean tokens per example. With ``rate_unit="tokens"`` (the recipes)
+the configured rates are token shares: each Task's seqio rate is its share divided by its corpus's mean
+tokens per example at the training row length (``sequence_length``), from the corpus's
+``token_stats.json`` (:mod:`medllama_jax.data.token_stats`; counted and written on first use when
+missing). With ``rate_unit="examples"`` they are seqio's rates as given.
 
 Each Task tokenizes and adds BOS/EOS before its ``CacheDatasetPlaceholder``, so ``seqio_cache_tasks`` can
 store the tokenized corpus once, for any sequence length; chunking runs after the cache.
@@ -16,6 +20,8 @@ From gin (the module must be imported, e.g. by the training binary)::
   train.mixture = @seqio_tasks.pretrain.register_pretrain_mixture()
   register_pretrain_mixture.data_dir = "gs://bucket/pretrain_data"     # one folder per corpus
   register_pretrain_mixture.vocabulary_path = "gs://bucket/models/llama2-13b"
+  register_pretrain_mixture.rate_unit = "tokens"
+  register_pretrain_mixture.sequence_length = %SEQUENCE_LENGTH          # = train.sequence_length
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import tensorflow as tf
 from absl import logging
 
 from medllama_jax import progress
-from medllama_jax.data import preprocessors
+from medllama_jax.data import preprocessors, token_stats
 from medllama_jax.data.vocab import model_vocabulary
 
 
@@ -55,6 +61,11 @@ CORPORA: Mapping[str, Corpus] = types.MappingProxyType({
 
 ME_LLAMA_GROUP_RATES: Mapping[str, float] = types.MappingProxyType(
     {"biomedical": 15, "clinical": 1, "general": 4})
+
+RATE_UNITS = ("tokens", "examples")
+# The split whose documents set a corpus's mean tokens per example (the mixture's rates serve every
+# split; training reads this one).
+RATE_SPLIT = "train"
 
 FEATURE_DESCRIPTION = {
     "text": tf.io.FixedLenFeature([], tf.string),
@@ -132,34 +143,67 @@ def corpus_rates(group_rates: Mapping[str, float] = ME_LLAMA_GROUP_RATES,
   return rates
 
 
+def token_rates(shares: Mapping[str, float], corpus_dirs: Mapping[str, str], vocabulary_path: str,
+                sequence_length: int) -> dict[str, float]:
+  """Corpus → seqio rate that makes its share of the trained tokens proportional to ``shares[corpus]``.
+
+  seqio draws examples in proportion to their rates, so tokens come in proportion to rate × mean tokens
+  per example; dividing each share by that mean (at rows of ``sequence_length``) makes the token shares
+  the configured ones. ``corpus_dirs`` maps the corpora with a positive share to their folders.
+  """
+  vocabulary = model_vocabulary(vocabulary_path)
+  rates = {}
+  for corpus, share in shares.items():
+    stats = token_stats.token_stats(corpus_dirs[corpus], vocabulary)
+    per_example = token_stats.tokens_per_example(
+        token_stats.split_histogram(stats, RATE_SPLIT), sequence_length)
+    rates[corpus] = share / per_example
+  return rates
+
+
 @gin.configurable
 def register_pretrain_mixture(data_dir: str = gin.REQUIRED, vocabulary_path: str = gin.REQUIRED,
                               group_rates: Mapping[str, float] = ME_LLAMA_GROUP_RATES,
                               task_rates: Mapping[str, float] | None = None,
-                              mixture_name: str = "me_llama_pretrain") -> str:
+                              mixture_name: str = "me_llama_pretrain", rate_unit: str = "examples",
+                              sequence_length: int | None = None) -> str:
   """Registers (or replaces) the pre-training Mixture and its Tasks; returns the Mixture's name.
 
   Corpus ``c`` is read from ``{data_dir}/{c}`` as Task ``{mixture_name}_{c}`` when its rate (see
   :func:`corpus_rates`; ``task_rates`` is keyed by corpus name) is positive; a corpus with rate 0 is
   left out and needs no folder. ``vocabulary_path``: a model folder
   (its tokenizer) or its ``tokenizer.json`` / ``tokenizer.model``.
+
+  ``rate_unit="tokens"``: the rates are shares of the trained tokens (:func:`token_rates`), which needs
+  the training row length ``sequence_length`` (bind it to the value of ``train.sequence_length``);
+  ``"examples"``: the rates are seqio's, shares of the examples (chunks).
   """
+  if rate_unit not in RATE_UNITS:
+    raise ValueError(f"rate_unit {rate_unit!r}: one of {RATE_UNITS}")
+  if rate_unit == "tokens" and sequence_length is None:
+    raise ValueError("rate_unit='tokens' needs the training row length: bind "
+                     "register_pretrain_mixture.sequence_length to train.sequence_length's value")
   rates = corpus_rates(group_rates, task_rates)
   seqio.MixtureRegistry.remove(mixture_name)
-  tasks = []
+  tasks = {}
   for corpus, rate in rates.items():
     name = f"{mixture_name}_{corpus}"
     seqio.TaskRegistry.remove(name)
     if rate == 0:
       continue
+    corpus_dir = os.path.join(data_dir, corpus)
     try:
-      register_text_task(name, os.path.join(data_dir, corpus), vocabulary_path,
-                         CORPORA[corpus].prepare_formats)
+      register_text_task(name, corpus_dir, vocabulary_path, CORPORA[corpus].prepare_formats)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"{e}; or leave {corpus} out of the mixture with a rate of 0 "
                               f"(task_rates={{'{corpus}': 0}})") from e
-    tasks.append((name, rate))
-  seqio.MixtureRegistry.add(mixture_name, tasks)
-  logging.info("mixture %s: %s", mixture_name, ", ".join(f"{n} {r:g}" for n, r in tasks),
-               extra=progress.FILE_ONLY)
+    tasks[corpus] = (name, corpus_dir)
+  shares = {corpus: rates[corpus] for corpus in tasks}
+  if rate_unit == "tokens":
+    rates = token_rates(shares, {c: d for c, (_, d) in tasks.items()}, vocabulary_path,
+                        sequence_length)
+  seqio.MixtureRegistry.add(mixture_name, [(name, rates[c]) for c, (name, _) in tasks.items()])
+  logging.info("mixture %s (rates in %s): %s", mixture_name, rate_unit,
+               ", ".join(f"{name} share {shares[c]:g} rate {rates[c]:.4g}"
+                         for c, (name, _) in tasks.items()), extra=progress.FILE_ONLY)
   return mixture_name

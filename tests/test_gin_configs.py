@@ -15,6 +15,8 @@ import seqio  # noqa: E402
 
 import seqio_tasks.pretrain  # noqa: E402
 from medllama_jax import config, demo, partitioning  # noqa: E402
+from medllama_jax.data import token_stats  # noqa: E402
+from medllama_jax.data.vocab import model_vocabulary  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
 
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
@@ -99,11 +101,22 @@ def test_recipe_builds_model_mesh_optimizer_and_mixture(path, prepared):
   opt = gin.get_bindings("medllama_jax.train.optimizer.make_optimizer")
   assert (opt["weight_decay"], opt.get("b1", 0.9), opt.get("b2", 0.95)) == (1e-5, 0.9, 0.95)
   name = seqio_tasks.pretrain.register_pretrain_mixture()
-  rates = {t.name.split(f"{name}_")[1]: seqio.get_mixture_or_task(name).get_rate(t)
-           for t in seqio.get_mixture_or_task(name).tasks}
-  assert rates == pytest.approx({"pubmed_abstracts": 7.5, "pmc_fulltext": 7.5,
-                                 "mimic_iii_notes": 1 / 3, "mimic_iv_notes": 1 / 3,
-                                 "mimic_cxr_reports": 1 / 3, "redpajama": 4.0})
+  mixer = gin.get_bindings("seqio_tasks.pretrain.register_pretrain_mixture")
+  assert mixer["rate_unit"] == "tokens" and mixer["sequence_length"] == train["sequence_length"]
+  vocabulary = model_vocabulary(str(prepared / "model"))
+  mixture = seqio.get_mixture_or_task(name)
+  # Token rates: a task's rate times its tokens per example is its share of the trained tokens.
+  token_weights = {
+      corpus: mixture.get_rate(seqio.get_mixture_or_task(f"{name}_{corpus}"))
+      * token_stats.tokens_per_example(token_stats.split_histogram(
+          token_stats.token_stats(str(prepared / "data" / corpus), vocabulary), "train"),
+          train["sequence_length"])
+      for corpus in seqio_tasks.pretrain.CORPORA}
+  expected = {"pubmed_abstracts": 7.5, "pmc_fulltext": 7.5, "mimic_iii_notes": 1 / 3,
+              "mimic_iv_notes": 1 / 3, "mimic_cxr_reports": 1 / 3, "redpajama": 4.0}
+  total = sum(token_weights.values())
+  assert {c: w / total for c, w in token_weights.items()} == pytest.approx(
+      {c: w / 20 for c, w in expected.items()})
   if "demo" not in path.stem:
     assert cfg.dtype == "bfloat16" and train["sequence_length"] == 4096
     assert train["global_batch_size"] * train["sequence_length"] * train["total_steps"] >= 129e9
