@@ -155,8 +155,11 @@ def token_rates(shares: Mapping[str, float], corpus_dirs: Mapping[str, str], voc
   rates = {}
   for corpus, share in shares.items():
     stats = token_stats.token_stats(corpus_dirs[corpus], vocabulary)
-    per_example = token_stats.tokens_per_example(
-        token_stats.split_histogram(stats, RATE_SPLIT), sequence_length)
+    try:
+      per_example = token_stats.tokens_per_example(
+          token_stats.split_histogram(stats, RATE_SPLIT), sequence_length)
+    except ValueError as e:
+      raise ValueError(f"{corpus_dirs[corpus]} ({RATE_SPLIT} split): {e}") from e
     rates[corpus] = share / per_example
   return rates
 

@@ -22,6 +22,7 @@ import collections
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -77,7 +78,12 @@ def count_tokens(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[str, 
 def write_token_stats(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[str, Any]:
   """Counts ``corpus_dir``'s tokens and writes ``token_stats.json`` there; returns the statistics."""
   stats = count_tokens(corpus_dir, vocabulary)
-  records.write_json(os.path.join(corpus_dir, TOKEN_STATS_FILE), stats)
+  path = os.path.join(corpus_dir, TOKEN_STATS_FILE)
+  # A temporary name of its own: every training process may count a folder at once (token_stats).
+  temporary = os.path.join(corpus_dir, f".{TOKEN_STATS_FILE}.{uuid.uuid4().hex}.incomplete")
+  with tf.io.gfile.GFile(temporary, "w") as f:
+    f.write(json.dumps(stats) + "\n")
+  tf.io.gfile.rename(temporary, path, overwrite=True)
   return stats
 
 
