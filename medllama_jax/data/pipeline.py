@@ -104,7 +104,7 @@ def make_data_iterator(mixture_or_task_name: str, sequence_length: int, global_b
                        split: str = "train", seed: int = 0, shuffle: bool = True,
                        num_epochs: int | None = None, pack: bool = True,
                        shard_index: int | None = None, num_shards: int | None = None,
-                       use_cached: bool = False) -> DataIterator:
+                       use_cached: bool = False, cache_dirs: Sequence[str] = ()) -> DataIterator:
   """This process's batches of ``mixture_or_task_name`` (rows of ``sequence_length`` tokens).
 
   ``num_shards`` (default: the process count) data shards of ``global_batch_size / num_shards`` rows
@@ -113,7 +113,9 @@ def make_data_iterator(mixture_or_task_name: str, sequence_length: int, global_b
   position, independent of the number of processes. ``num_epochs=None`` repeats forever; with a
   finite number the iterator ends after the last full batch of a shard. ``use_cached`` reads the
   tokenized tasks from seqio's offline cache (``seqio_cache_tasks``) instead of tokenizing on the
-  fly.
+  fly; seqio finds a Task's cache in its global cache folders, to which ``cache_dirs`` (the
+  ``--output_cache_dir`` of ``seqio_cache_tasks``) are added: without them the trainer, which does
+  not run ``seqio_cache_tasks``'s ``main``, would know of none.
   """
   if shard_index is not None and num_shards is None:
     raise ValueError("shard_index needs num_shards")
@@ -128,6 +130,7 @@ def make_data_iterator(mixture_or_task_name: str, sequence_length: int, global_b
   if global_batch_size % num_shards:
     raise ValueError(f"global batch size {global_batch_size} is not divisible by {num_shards} shards")
   rows_per_shard = global_batch_size // num_shards
+  seqio.add_global_cache_dirs(list(cache_dirs))
   options = tf.data.Options()
   options.deterministic = True
   datasets = [
