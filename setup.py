@@ -24,7 +24,9 @@ setup(
         "etils[epath]>=1.7",
         "seqio>=0.0.19",
         "tensorflow-datasets>=4.9",
-        "sentencepiece>=0.2",
+        # 0.2.2+ ship protos generated for protobuf 7, which apache-beam (the beam extra) excludes;
+        # 0.2.1's import under protobuf 4 to 7.
+        "sentencepiece>=0.2,<0.2.2",
         "gin-config>=0.5",
         "clu>=0.0.10",
         "tensorboard>=2.15",
@@ -62,6 +64,9 @@ setup(
         ],
         # lm-evaluation-harness on the model as it runs on the mesh (medllama-lm-eval).
         "lm_eval": ["lm_eval>=0.4,<0.5"],
+        # Corpus preparation and seqio's cache at scale (DirectRunner, Dataflow, Flink, Spark);
+        # tfrecord brings the CRC that writing the cache's TFRecord files needs.
+        "beam": ["apache-beam[tfrecord]>=2.70,<3"],
         # BERTScore for the summarization tasks, with a model folder the user provides.
         "bertscore": ["bert-score>=0.3.13"],
     },

@@ -105,9 +105,9 @@ def token_stats(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[str, A
   """
   stats = read_token_stats(corpus_dir, vocabulary)
   if stats is None:
-    logging.info("%s: no %s for this tokenizer; counting tokens (run scripts/count_tokens.py %s "
-                 "--vocabulary %s to do it ahead of training)", corpus_dir, TOKEN_STATS_FILE,
-                 corpus_dir, vocabulary.model_dir)
+    logging.info("%s: counting tokens for the mixing rates (no %s for this tokenizer yet; "
+                 "scripts/count_tokens.py writes it ahead of training)",
+                 os.path.basename(os.path.normpath(corpus_dir)), TOKEN_STATS_FILE)
     stats = write_token_stats(corpus_dir, vocabulary)
   return stats
 
