@@ -51,7 +51,8 @@ from medllama_jax import (chat, checkpointing, decode, loading, partitioning, pr
 from medllama_jax.cli import generate, gin_flags  # noqa: E402
 from medllama_jax.config import LlamaConfig, model_config  # noqa: E402
 from medllama_jax.convert import hf  # noqa: E402
-from medllama_jax.data import records  # noqa: E402
+from medllama_jax.data import records, token_stats  # noqa: E402
+from medllama_jax.data.vocab import model_vocabulary  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
 
 DEMO_PROMPTS = ("The patient presented with", "Metformin is a first-line treatment for")
@@ -95,6 +96,14 @@ def train_tokenizer(out_dir: str, vocab_size: int) -> str:
   os.remove(os.path.join(out_dir, "tokenizer.vocab"))
   tokenizer.write_hf_tokenizer_config(out_dir)
   return out_dir
+
+
+def count_corpus_tokens(data_dir: str, tokenizer_dir: str) -> None:
+  """``token_stats.json`` in every prepared corpus (``scripts/count_tokens.py``'s work), so the
+  mixture's token rates need no counting when training starts."""
+  vocabulary = model_vocabulary(tokenizer_dir)
+  for corpus in DEMO_CORPORA:
+    token_stats.write_token_stats(os.path.join(data_dir, corpus), vocabulary)
 
 
 def prepare_corpora(data_dir: str) -> dict[str, dict]:
@@ -240,6 +249,7 @@ def run_demo(out: str, log_dir: str, max_new_tokens: int, eval_max_new_tokens: i
   with demo_step(2, "preparing the shipped PubMed, PMC, MIMIC and RedPajama samples"):
     data_dir = os.path.join(out, "data")
     prepare_corpora(data_dir)
+    count_corpus_tokens(data_dir, tok_dir)
     result(data_dir)
 
   with demo_step(3, f"writing the starting model ({config.num_params():,} random parameters)"):

@@ -426,6 +426,16 @@ def cached_texts(path: Path, prompts: list[str]) -> dict[str, str]:
           for record in map(json.loads, path.read_text().splitlines()[1:])}
 
 
+@pytest.fixture
+def terminal_ctrl_c():
+  """Python's own SIGINT handler (KeyboardInterrupt), as in a terminal, whatever an earlier test in
+  this worker process installed."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("terminal_ctrl_c")
 def test_ctrl_c_stops_at_once_keeps_every_answer_and_a_rerun_sends_only_the_rest(
     endpoint: Endpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture):
   # Three workers: a0-a3 are answered, then each holds one of throttled0, throttled1 (waiting
@@ -467,6 +477,7 @@ def test_ctrl_c_stops_at_once_keeps_every_answer_and_a_rerun_sends_only_the_rest
       "a4", "a5", "a6", "throttled0", "throttled1"]
 
 
+@pytest.mark.usefixtures("terminal_ctrl_c")
 def test_ctrl_c_before_any_answer_names_no_cache_file(endpoint: Endpoint, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture):
   endpoint.behaviour = throttled
