@@ -19,7 +19,6 @@ the tokenizer, so counts made with another tokenizer are never used::
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import uuid
@@ -34,13 +33,6 @@ from medllama_jax.data.vocab import TokenizerVocabulary
 
 TOKEN_STATS_FILE = "token_stats.json"
 BATCH_DOCUMENTS = 4096
-
-
-def tokenizer_fingerprint(vocabulary: TokenizerVocabulary) -> str:
-  """A hash of the tokenizer's definition and special tokens: equal fingerprints, equal token counts."""
-  tokenizer = vocabulary.tokenizer
-  definition = tokenizer.to_str() + repr(sorted(tokenizer.special_tokens.items()))
-  return hashlib.sha256(definition.encode()).hexdigest()
 
 
 def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -72,7 +64,7 @@ def count_tokens(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[str, 
     splits[split] = {"documents": sum(histogram.values()),
                      "tokens": sum(n * count for n, count in histogram.items()),
                      "lengths": {str(n): count for n, count in histogram.items()}}
-  return {"tokenizer": tokenizer_fingerprint(vocabulary), "splits": splits}
+  return {"tokenizer": vocabulary.fingerprint, "splits": splits}
 
 
 def write_token_stats(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[str, Any]:
@@ -94,7 +86,7 @@ def read_token_stats(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[s
     return None
   with tf.io.gfile.GFile(path) as f:
     stats = json.load(f)
-  return stats if stats.get("tokenizer") == tokenizer_fingerprint(vocabulary) else None
+  return stats if stats.get("tokenizer") == vocabulary.fingerprint else None
 
 
 def token_stats(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[str, Any]:

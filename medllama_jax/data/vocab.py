@@ -38,7 +38,8 @@ class TokenizerVocabulary(seqio.Vocabulary):
     if self.tokenizer.eos_id is None:
       raise ValueError(f"{self.tokenizer.source}: the tokenizer names no EOS token; documents and "
                        "answers need one (set eos_token in tokenizer_config.json)")
-    self._definition = hashlib.sha256(
+    # Equal fingerprints, equal ids for every text: what equality and cached token counts rest on.
+    self.fingerprint = hashlib.sha256(
         (self.tokenizer.to_str() + repr(sorted(self.tokenizer.special_tokens.items()))).encode()
     ).hexdigest()
     super().__init__(extra_ids=0)
@@ -112,10 +113,10 @@ class TokenizerVocabulary(seqio.Vocabulary):
     return self._decode_tf(ids)
 
   def __eq__(self, other: object) -> bool:
-    return isinstance(other, TokenizerVocabulary) and other._definition == self._definition
+    return isinstance(other, TokenizerVocabulary) and other.fingerprint == self.fingerprint
 
   def __hash__(self) -> int:
-    return hash(self._definition)
+    return hash(self.fingerprint)
 
   def __str__(self) -> str:
     return f"TokenizerVocabulary({self.model_dir}, {self.tokenizer.vocab_size} ids)"
