@@ -3,12 +3,17 @@
   python scripts/prepare_corpus.py --format pubmed_xml --input 'raw/pubmed25n*.xml.gz' \\
       --out data/pubmed_abstracts [--num_shards 64] [--validation_fraction 0.001] [--min_chars 32] \\
       [--max_errors 0.01] [--overwrite] [--pile_set_name "PubMed Abstracts"] \\
-      [--mimic_category "Discharge summary"]
+      [--mimic_category "Discharge summary"] [--vocabulary MODEL_DIR] \\
+      [--runner DirectRunner|DataflowRunner|... [Beam pipeline options]]
 
---input repeats and takes glob patterns. Prints the summary (stats.json) as JSON; exit status 1 with a
-one-line message on a missing input, a non-empty output folder, a bad option or more damaged records
-than --max_errors allows. See medllama_jax/data/records.py for the output format and
-medllama_jax/data/corpora.py for the readers.
+--input repeats and takes glob patterns (gs:// too). Prints the summary (stats.json) as JSON; exit
+status 1 with a one-line message on a missing input, a non-empty output folder, a bad option or more
+damaged records than --max_errors allows. With --vocabulary the written documents' tokens are counted
+(token_stats.json, as scripts/count_tokens.py writes it, and per split in stats.json). With --runner
+the same work runs as an Apache Beam pipeline on that runner, with the same output; every other
+unknown argument goes to Beam (--project, --region, --temp_location, --direct_num_workers, ...). See
+medllama_jax/data/records.py for the output format, medllama_jax/data/beam_prepare.py for the
+pipeline and medllama_jax/data/corpora.py for the readers.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from medllama_jax.cli import console
-from medllama_jax.data import corpora, error_limit
+from medllama_jax.data import beam_options, corpora, error_limit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,26 +44,39 @@ def build_parser() -> argparse.ArgumentParser:
                       help="jsonl: keep only this meta.pile_set_name; repeatable")
   parser.add_argument("--mimic_category", action="append",
                       help="MIMIC notes: keep only this CATEGORY (III) / note_type (IV); repeatable")
+  parser.add_argument("--vocabulary", metavar="MODEL_DIR",
+                      help="count the written documents' tokens with this model folder's (or "
+                           "tokenizer file's) tokenizer")
+  beam_options.add_runner_flag(parser)
   return parser
 
 
-def _prepare(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
   from medllama_jax.data import records
+  from medllama_jax.data.vocab import model_vocabulary
 
   options = {name: getattr(args, name) for name in ("pile_set_name", "mimic_category")
              if getattr(args, name) is not None}
-  summary = records.prepare(args.format, args.input, args.out, num_shards=args.num_shards,
-                            validation_fraction=args.validation_fraction,
-                            min_chars=args.min_chars, overwrite=args.overwrite,
-                            max_errors=args.max_errors, **options)
+  settings = dict(num_shards=args.num_shards, validation_fraction=args.validation_fraction,
+                  min_chars=args.min_chars, overwrite=args.overwrite, max_errors=args.max_errors,
+                  vocabulary=model_vocabulary(args.vocabulary) if args.vocabulary else None)
+  if args.runner:
+    from medllama_jax.data import beam_prepare
+
+    summary = beam_prepare.prepare(
+        args.format, args.input, args.out,
+        pipeline_options=beam_options.pipeline_options(args.runner, beam_args),
+        **settings, **options)
+  else:
+    summary = records.prepare(args.format, args.input, args.out, **settings, **options)
   print(json.dumps(summary, indent=2))
   return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
-  return console.run(parser.prog, args, lambda: _prepare(args))
+  args, beam_args = beam_options.parse_args(parser, argv)
+  return console.run(parser.prog, args, lambda: _prepare(args, beam_args))
 
 
 if __name__ == "__main__":

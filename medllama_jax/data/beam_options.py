@@ -30,7 +30,11 @@ def add_runner_flag(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                ) -> tuple[argparse.Namespace, list[str]]:
-  """The tool's arguments, and the rest as Beam pipeline options (allowed only with ``--runner``)."""
+  """The tool's arguments, and the rest as Beam pipeline options (allowed only with ``--runner``).
+
+  The tool's flags must be spelled out: an abbreviation could take a Beam option for one of them.
+  """
+  parser.allow_abbrev = False
   args, beam_args = parser.parse_known_args(argv)
   if beam_args and args.runner is None:
     parser.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam pipeline options need "

@@ -33,14 +33,18 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 from absl import logging
 
+from medllama_jax import storage
 from medllama_jax.data import corpora
 from medllama_jax.data import error_limit
+
+if TYPE_CHECKING:
+  from medllama_jax.data.vocab import TokenizerVocabulary
 
 TRAIN, VALIDATION = "train", "validation"
 STATS_FILE = "stats.json"
@@ -54,7 +58,9 @@ LOGGED_PER_REASON = 100
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode Cc less \t and \n.
 _SPACES = re.compile(r"[ \t]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
-_OUTPUT_FILE = re.compile(r"\.?(\w+\.tfrecord-\d{5}-of-\d{5}|stats\.json)(\.incomplete)?")
+_OUTPUT_FILE = re.compile(
+    r"\.?(\w+\.tfrecord-\d{5}-of-\d{5}|stats\.json|token_stats\.json|beam_summary\.pickle)"
+    r"(\.incomplete)?")
 
 
 def clean_text(text: str) -> str:
@@ -74,7 +80,7 @@ def split_of(record_id: str, validation_fraction: float) -> str:
   return VALIDATION if int.from_bytes(digest[:8], "big") < validation_fraction * 2**64 else TRAIN
 
 
-def _temporary(path: str) -> str:
+def temporary(path: str) -> str:
   """Where ``path`` is written before it is complete: hidden, and matching no split's file pattern."""
   return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.incomplete")
 
@@ -83,7 +89,7 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
   return f"{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
 
 
-def _example(record_id: str, text: bytes) -> bytes:
+def example(record_id: str, text: bytes) -> bytes:
   def feature(value: bytes) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
@@ -102,7 +108,7 @@ class ShardWriters:
 
   def _path(self, name: str, final: bool) -> str:
     path = os.path.join(self._out_dir, name)
-    return path if final else _temporary(path)
+    return path if final else temporary(path)
 
   def __enter__(self) -> ShardWriters:
     try:
@@ -116,7 +122,7 @@ class ShardWriters:
   def write(self, split: str, record_id: str, text: bytes) -> None:
     counts = self.counts[split]
     shard = sum(counts) % len(counts)
-    self._writers[split][shard].write(_example(record_id, text))
+    self._writers[split][shard].write(example(record_id, text))
     counts[shard] += 1
 
   def __exit__(self, error_type, error, traceback) -> None:
@@ -136,7 +142,7 @@ class ShardWriters:
           tf.io.gfile.remove(temporary)
 
 
-class _Tally:
+class Tally:
   """The run's counts; logs rejections (never text) and progress as they come.
 
   Damaged records (``errors``), records left out on purpose (``skipped``, see
@@ -166,6 +172,15 @@ class _Tally:
       self.errors[record.reason] += 1
       self.first_error = self.first_error or record
     self._log(record)
+
+  def merge(self, other: Tally) -> None:
+    """Adds the counts of ``other``, a tally of inputs that come after this one's."""
+    self.read += other.read
+    self.errors.update(other.errors)
+    self.skipped.update(other.skipped)
+    self.too_short += other.too_short
+    self.duplicates += other.duplicates
+    self.first_error = self.first_error or other.first_error
 
   def check_errors(self, max_errors: float | None, final: bool) -> None:
     """Raises CorpusError, with a one-line summary, once the errors pass ``max_errors``.
@@ -209,16 +224,21 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     raise ValueError(f"inputs must be a non-empty list of paths or glob patterns, got {inputs!r}")
   paths: list[str] = []
   for pattern in inputs:
-    matches = sorted(glob.glob(pattern))
+    matches = sorted(tf.io.gfile.glob(pattern) if storage.is_remote(pattern) else glob.glob(pattern))
     if not matches:
       raise FileNotFoundError(f"no input matches {pattern!r}")
     paths += matches
   return list(dict.fromkeys(paths))
 
 
+def content_key(data: bytes) -> bytes:
+  """The 16-byte hash by which exact duplicates are found."""
+  return hashlib.blake2b(data, digest_size=16).digest()
+
+
 def _is_new(data: bytes, seen: set[bytes]) -> bool:
-  """False for an exact duplicate of a text already in ``seen`` (16-byte hashes), else records it."""
-  digest = hashlib.blake2b(data, digest_size=16).digest()
+  """False for an exact duplicate of a text already in ``seen``, else records it."""
+  digest = content_key(data)
   if digest in seen:
     return False
   seen.add(digest)
@@ -241,76 +261,129 @@ def claim_out_dir(out_dir: str, overwrite: bool) -> None:
 
 def write_json(path: str, value: Any) -> None:
   """``value`` as JSON at ``path``, written under a temporary name and renamed into place."""
-  temporary = _temporary(path)
-  with tf.io.gfile.GFile(temporary, "w") as f:
+  unfinished = temporary(path)
+  with tf.io.gfile.GFile(unfinished, "w") as f:
     f.write(json.dumps(value, indent=2) + "\n")
-  tf.io.gfile.rename(temporary, path, overwrite=True)
+  tf.io.gfile.rename(unfinished, path, overwrite=True)
 
 
-def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int = 8,
-            validation_fraction: float = 0.001, min_chars: int = 32, overwrite: bool = False,
-            max_errors: float | None = None, **reader_options: Any) -> dict[str, Any]:
-  """Reads ``inputs`` (paths or glob patterns) with the ``format`` reader and writes ``out_dir``.
-
-  ``validation_fraction`` 0 writes no validation split. ``reader_options`` go to the reader (e.g.
-  ``pile_set_name``, ``mimic_category``). Damaged records are counted and passed over; ``max_errors``
-  (a count, or a fraction of the records seen; None: no limit) turns too many of them into a
-  CorpusError, and then nothing is written. Returns the summary also written to ``stats.json``.
-  Raises ValueError (bad settings or options), FileNotFoundError (an input pattern matches nothing),
-  FileExistsError (``out_dir`` not empty and not ``overwrite``) before anything is written.
-  """
+def check_settings(num_shards: int, validation_fraction: float, min_chars: int,
+                   max_errors: float | None) -> None:
+  """Raises ValueError for settings no run can use."""
   if num_shards < 1 or not 0 <= validation_fraction < 1 or min_chars < 0:
     raise ValueError(f"need num_shards >= 1, 0 <= validation_fraction < 1, min_chars >= 0; got "
                      f"{num_shards}, {validation_fraction}, {min_chars}")
   error_limit.check(max_errors)
-  corpora.check_options(format, reader_options)
-  paths = expand_inputs(inputs)
-  claim_out_dir(out_dir, overwrite)
-  splits = [TRAIN, VALIDATION] if validation_fraction > 0 else [TRAIN]
-  tally = _Tally(out_dir)
-  seen: set[bytes] = set()
-  with ShardWriters(out_dir, splits, num_shards) as shards:
-    for path in paths:
-      logging.info("%s: reading %s", out_dir, path)
-      for record in corpora.read(format, path, **reader_options):
-        if isinstance(record, corpora.Rejected):
-          tally.reject(record)
-          tally.check_errors(max_errors, final=False)
-          continue
-        tally.read += 1
-        text = clean_text(record.text)
-        data = text.encode("utf-8")
-        if len(text) < min_chars:
-          tally.drop_short(corpora.Rejected(path, record.id, "too_short"))
-        elif not _is_new(data, seen):
-          tally.duplicates += 1
-        else:
-          shards.write(split_of(record.id, validation_fraction), record.id, data)
-        if tally.read % PROGRESS_EVERY == 0:
-          tally.progress(sum(map(sum, shards.counts.values())))
-    tally.check_errors(max_errors, final=True)
-  stats = {
+
+
+def splits_of(validation_fraction: float) -> list[str]:
+  return [TRAIN, VALIDATION] if validation_fraction > 0 else [TRAIN]
+
+
+def cleaned_documents(format: str, path: str, tally: Tally, min_chars: int,
+                      max_errors: float | None, reader_options: Mapping[str, Any]
+                      ) -> Iterator[tuple[str, bytes]]:
+  """``(id, cleaned UTF-8 text)`` of the documents of one input that are long enough, in file order.
+
+  Rejected records and short texts are counted in ``tally`` (and a count ``max_errors`` checked as
+  errors come); duplicates are the caller's business, since they are found across inputs.
+  """
+  for record in corpora.read(format, path, **reader_options):
+    if isinstance(record, corpora.Rejected):
+      tally.reject(record)
+      tally.check_errors(max_errors, final=False)
+      continue
+    tally.read += 1
+    text = clean_text(record.text)
+    if len(text) < min_chars:
+      tally.drop_short(corpora.Rejected(path, record.id, "too_short"))
+    else:
+      yield record.id, text.encode("utf-8")
+
+
+def summary(format: str, paths: Sequence[str], reader_options: Mapping[str, Any], num_shards: int,
+            validation_fraction: float, min_chars: int, max_errors: float | None, tally: Tally,
+            shard_counts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+  """What ``stats.json`` says of a run (whichever engine ran it)."""
+  splits = list(shard_counts)
+  return {
       "format": format,
-      "inputs": paths,
-      "options": reader_options,
+      "inputs": list(paths),
+      "options": dict(reader_options),
       "num_shards": num_shards,
       "validation_fraction": validation_fraction,
       "min_chars": min_chars,
       "max_errors": max_errors,
       "records_read": tally.read,
-      "records_written": {split: sum(counts) for split, counts in shards.counts.items()},
+      "records_written": {split: sum(counts) for split, counts in shard_counts.items()},
       "errors": dict(sorted(tally.errors.items())),
       "skipped": dict(sorted(tally.skipped.items())),
       "too_short": tally.too_short,
       "duplicates": tally.duplicates,
-      "shards": {split: dict(zip(shards.names[split], shards.counts[split])) for split in splits},
+      "shards": {split: {shard_name(split, i, num_shards): count
+                         for i, count in enumerate(shard_counts[split])} for split in splits},
       "file_pattern": {split: f"{split}.tfrecord-?????-of-{num_shards:05d}" for split in splits},
   }
+
+
+def finish(out_dir: str, stats: dict[str, Any], vocabulary: TokenizerVocabulary | None,
+           histograms: Mapping[str, Mapping[int, int]] | None = None) -> dict[str, Any]:
+  """Writes the token statistics (with a ``vocabulary``: the engine's ``histograms``, or counted
+  from the written shards) and then ``stats.json``, whose presence marks ``out_dir`` complete."""
+  if vocabulary is not None:
+    from medllama_jax.data import token_stats
+
+    if histograms is None:
+      histograms = {split: token_stats.length_histogram(
+                        (r["text"] for r in read_records(os.path.join(out_dir, pattern))),
+                        vocabulary)
+                    for split, pattern in stats["file_pattern"].items()}
+    counted = token_stats.write_histograms(out_dir, vocabulary, histograms)
+    stats["tokens"] = {split: entry["tokens"] for split, entry in counted["splits"].items()}
   write_json(os.path.join(out_dir, STATS_FILE), stats)
   logging.info("%s: %d records read, written %s, errors %s, skipped %s, %d shorter than %d "
-               "characters, %d duplicates", out_dir, tally.read, stats["records_written"],
-               stats["errors"], stats["skipped"], tally.too_short, min_chars, tally.duplicates)
+               "characters, %d duplicates", out_dir, stats["records_read"],
+               stats["records_written"], stats["errors"], stats["skipped"], stats["too_short"],
+               stats["min_chars"], stats["duplicates"])
   return stats
+
+
+def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int = 8,
+            validation_fraction: float = 0.001, min_chars: int = 32, overwrite: bool = False,
+            max_errors: float | None = None, vocabulary: TokenizerVocabulary | None = None,
+            **reader_options: Any) -> dict[str, Any]:
+  """Reads ``inputs`` (paths or glob patterns) with the ``format`` reader and writes ``out_dir``.
+
+  ``validation_fraction`` 0 writes no validation split. ``reader_options`` go to the reader (e.g.
+  ``pile_set_name``, ``mimic_category``). Damaged records are counted and passed over; ``max_errors``
+  (a count, or a fraction of the records seen; None: no limit) turns too many of them into a
+  CorpusError, and then nothing is written. With a ``vocabulary`` the written documents' tokens are
+  counted too (``token_stats.json``, and per split in the summary). Returns the summary also written
+  to ``stats.json``. Raises ValueError (bad settings or options), FileNotFoundError (an input pattern
+  matches nothing), FileExistsError (``out_dir`` not empty and not ``overwrite``) before anything is
+  written. :mod:`medllama_jax.data.beam_prepare` writes the same output with Apache Beam.
+  """
+  check_settings(num_shards, validation_fraction, min_chars, max_errors)
+  corpora.check_options(format, reader_options)
+  paths = expand_inputs(inputs)
+  claim_out_dir(out_dir, overwrite)
+  tally = Tally(out_dir)
+  seen: set[bytes] = set()
+  with ShardWriters(out_dir, splits_of(validation_fraction), num_shards) as shards:
+    for path in paths:
+      logging.info("%s: reading %s", out_dir, path)
+      for record_id, data in cleaned_documents(format, path, tally, min_chars, max_errors,
+                                               reader_options):
+        if _is_new(data, seen):
+          shards.write(split_of(record_id, validation_fraction), record_id, data)
+        else:
+          tally.duplicates += 1
+        if tally.read % PROGRESS_EVERY == 0:
+          tally.progress(sum(map(sum, shards.counts.values())))
+    tally.check_errors(max_errors, final=True)
+  stats = summary(format, paths, reader_options, num_shards, validation_fraction, min_chars,
+                  max_errors, tally, shards.counts)
+  return finish(out_dir, stats, vocabulary)
 
 
 def split_file_patterns(out_dir: str) -> dict[str, str]:

@@ -56,20 +56,37 @@ def length_histogram(texts: Iterable[str], vocabulary: TokenizerVocabulary) -> d
   return dict(sorted(histogram.items()))
 
 
-def count_tokens(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[str, Any]:
-  """The token statistics of the prepared corpus ``corpus_dir`` (every split), as stored in the file."""
+def statistics(vocabulary: TokenizerVocabulary,
+               histograms: Mapping[str, Mapping[int, int]]) -> dict[str, Any]:
+  """The stored form of per-split length histograms counted with ``vocabulary``."""
   splits = {}
-  for split, pattern in records.split_file_patterns(corpus_dir).items():
-    histogram = length_histogram((r["text"] for r in records.read_records(pattern)), vocabulary)
+  for split, histogram in histograms.items():
+    histogram = dict(sorted(histogram.items()))
     splits[split] = {"documents": sum(histogram.values()),
                      "tokens": sum(n * count for n, count in histogram.items()),
                      "lengths": {str(n): count for n, count in histogram.items()}}
   return {"tokenizer": vocabulary.fingerprint, "splits": splits}
 
 
+def count_tokens(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[str, Any]:
+  """The token statistics of the prepared corpus ``corpus_dir`` (every split), as stored in the file."""
+  return statistics(vocabulary, {
+      split: length_histogram((r["text"] for r in records.read_records(pattern)), vocabulary)
+      for split, pattern in records.split_file_patterns(corpus_dir).items()})
+
+
 def write_token_stats(corpus_dir: str, vocabulary: TokenizerVocabulary) -> dict[str, Any]:
   """Counts ``corpus_dir``'s tokens and writes ``token_stats.json`` there; returns the statistics."""
-  stats = count_tokens(corpus_dir, vocabulary)
+  return _write(corpus_dir, count_tokens(corpus_dir, vocabulary))
+
+
+def write_histograms(corpus_dir: str, vocabulary: TokenizerVocabulary,
+                     histograms: Mapping[str, Mapping[int, int]]) -> dict[str, Any]:
+  """Writes ``token_stats.json`` from histograms counted elsewhere (a Beam preparer's workers)."""
+  return _write(corpus_dir, statistics(vocabulary, histograms))
+
+
+def _write(corpus_dir: str, stats: dict[str, Any]) -> dict[str, Any]:
   path = os.path.join(corpus_dir, TOKEN_STATS_FILE)
   # A temporary name of its own: every training process may count a folder at once (token_stats).
   temporary = os.path.join(corpus_dir, f".{TOKEN_STATS_FILE}.{uuid.uuid4().hex}.incomplete")
