@@ -102,7 +102,11 @@ def write_mibe(data_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-  work = tmp_path_factory.mktemp("contamination")
+  return write_inputs(tmp_path_factory.mktemp("contamination"))
+
+
+def write_inputs(work: Path) -> dict[str, str]:
+  """The MIBE folder and the corpora with the planted overlaps (module docstring), in ``work``."""
   assert [words_of(t) for t in (P0, P1, P2, P3, M0, *M1, M2)] == [20, 20, 20, 20, 16, 5, 4, 15]
   write_mibe(work / "mibe")
   raw_prepared = write_jsonl(work / "abstracts.jsonl", [{"text": t} for t in PREPARED_TEXTS])

@@ -3,7 +3,7 @@
   medllama-contamination --data_dir mibe --out reports/contamination [--tasks all|pubmedqa,medqa]
       [--prepared data/pubmed_abstracts ...] [--instruct instruct_data ...]
       [--raw jsonl:'redpajama/*.jsonl.gz' ...] [--n 13] [--top_documents 10]
-      [--write_decontaminated data_clean [--overwrite]]
+      [--write_decontaminated data_clean [--overwrite]] [--runner DirectRunner [beam options]]
 
 Sources (each repeatable, at least one): ``--prepared`` a prepared pre-training corpus folder,
 ``--instruct`` an instruction file or a folder of them (the instruction mixture's data_dir; one
@@ -15,7 +15,9 @@ corpus, a copy without the documents that share an n-gram with a test example, a
 folder name}``: a ``data_dir`` for the pre-training mixture. Exit status 1 with a one-line message
 for a missing input, a non-empty output folder or bad data. Normalisation and hashing:
 ``medllama_jax/contamination/ngrams.py``; which test text is checked:
-``medllama_jax/contamination/eval_sets.py``.
+``medllama_jax/contamination/eval_sets.py``. ``--runner`` runs the scan as an Apache Beam pipeline
+(``medllama_jax/contamination/beam_scan.py``; arguments this tool does not know go to Beam as
+pipeline options) with the same report and copies as the single-process scan.
 """
 
 from __future__ import annotations
@@ -23,18 +25,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from absl import logging
 
 from medllama_jax.cli import console
-from medllama_jax.data import corpora
+from medllama_jax.data import beam_options, corpora
 from medllama_jax.eval import datasets as mibe_datasets
 
 if TYPE_CHECKING:
   from medllama_jax.contamination import sources
   from medllama_jax.contamination.decontaminate import DecontaminatedCopy
+  from medllama_jax.contamination.eval_sets import EvalSetIndex
+  from medllama_jax.contamination.scan import SourceTally, TopDocuments
+
+  # Per-source tallies, the best matching documents, rejected records per source, each copy's
+  # stats.json: what a scan, in this process or on Beam, gives the report.
+  ScanOutcome = tuple[dict[str, SourceTally], TopDocuments, dict[str, Mapping[str, int]],
+                      dict[str, dict]]
 
 DEFAULT_N = 13
 NORMALISATION = "NFKC, casefold, words = runs of letters/digits"
@@ -63,6 +72,7 @@ def build_parser() -> console.ArgumentParser:
                            "OUT/{its folder name}")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace what an earlier run wrote in the decontaminated folders")
+  beam_options.add_runner_flag(parser)
   return parser
 
 
@@ -88,10 +98,11 @@ def _copies(prepared: Sequence[sources.PreparedCorpus], out: str,
           for corpus, folder in zip(prepared, folders)}
 
 
-def contamination(args: argparse.Namespace) -> dict:
-  """Checks every source against the evaluation sets; returns the report written to ``--out``."""
+def contamination(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> dict:
+  """Checks every source against the evaluation sets; returns the report written to ``--out``.
+
+  With ``args.runner`` the scan runs on Beam, ``beam_args`` its pipeline options."""
   from medllama_jax.contamination import eval_sets, report, sources
-  from medllama_jax.contamination.scan import Scanner
 
   datasets = _datasets(args.tasks)
   prepared = [sources.PreparedCorpus(path) for path in args.prepared]
@@ -106,39 +117,66 @@ def contamination(args: argparse.Namespace) -> dict:
   index = eval_sets.load_index(args.data_dir, datasets, args.n)
   copies = (_copies(prepared, args.write_decontaminated, args.overwrite)
             if args.write_decontaminated else {})
-  scanner = Scanner(index, args.top_documents, args.batch_words)
   provenance = {"n": args.n, "data_dir": args.data_dir, "datasets": datasets}
-  decontaminated = {}
+  if args.runner:
+    outcome = _scan_on_beam(args, beam_args, corpus_sources, index, copies, provenance)
+  else:
+    outcome = _scan_in_process(args, corpus_sources, index, copies, provenance)
+  tallies, top, rejected, copy_stats = outcome
+  result = report.build_report(index, tallies, top, rejected,
+                               {"data_dir": args.data_dir, "normalisation": NORMALISATION})
+  if copy_stats:
+    result["decontaminated"] = {
+        name: {"out_dir": copies[name].out_dir, "removed": stats["decontamination"]["removed"],
+               "records_written": stats["records_written"]}
+        for name, stats in copy_stats.items()}
+  return result
+
+
+def _scan_in_process(args: argparse.Namespace, corpus_sources: Sequence[sources.CorpusSource],
+                     index: EvalSetIndex, copies: Mapping[str, DecontaminatedCopy],
+                     provenance: Mapping[str, Any]) -> ScanOutcome:
+  """One pass over the sources in the order given, each copy written as its corpus is read."""
+  from medllama_jax.contamination.scan import Scanner
+
+  scanner = Scanner(index, args.top_documents, args.batch_words)
+  copy_stats = {}
   for source in corpus_sources:
     scanned = scanner.scan(source.name, source.kind, source.documents())
     if source.name in copies:
-      stats = copies[source.name].write(scanned, provenance)
-      decontaminated[source.name] = {"out_dir": copies[source.name].out_dir,
-                                     "removed": stats["decontamination"]["removed"],
-                                     "records_written": stats["records_written"]}
+      copy_stats[source.name] = copies[source.name].write(scanned, provenance)
     else:
       for _ in scanned:
         pass
-  result = report.build_report(
-      index, scanner, {source.name: source.rejections.counts for source in corpus_sources},
-      {"data_dir": args.data_dir, "normalisation": NORMALISATION})
-  if decontaminated:
-    result["decontaminated"] = decontaminated
-  return result
+  return (scanner.tallies, scanner.top,
+          {source.name: source.rejections.counts for source in corpus_sources}, copy_stats)
+
+
+def _scan_on_beam(args: argparse.Namespace, beam_args: Sequence[str],
+                  corpus_sources: Sequence[sources.CorpusSource], index: EvalSetIndex,
+                  copies: Mapping[str, DecontaminatedCopy], provenance: Mapping[str, Any]
+                  ) -> ScanOutcome:
+  """The same as :func:`_scan_in_process`, each file of each source read on a Beam worker."""
+  options = beam_options.pipeline_options(args.runner, beam_args)
+  from medllama_jax.contamination import beam_scan
+
+  scanned, copy_stats = beam_scan.run_scan(corpus_sources, index, args.top_documents,
+                                           args.batch_words, copies, provenance, options)
+  return scanned.tallies, scanned.top, scanned.rejected, copy_stats
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args, beam_args = beam_options.parse_args(parser, argv)
   if not (args.prepared or args.instruct or args.raw):
     parser.error("give at least one corpus source: --prepared, --instruct or --raw")
-  return console.run(parser.prog, args, lambda: _scan_and_report(args))
+  return console.run(parser.prog, args, lambda: _scan_and_report(args, beam_args))
 
 
-def _scan_and_report(args: argparse.Namespace) -> int:
+def _scan_and_report(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
   from medllama_jax.contamination import report
 
-  result = contamination(args)
+  result = contamination(args, beam_args)
   json_path, markdown_path = report.write_report(args.out, result)
   for dataset, entry in result["datasets"].items():
     logging.info("%s: %d of %d examples contaminated", dataset, entry["contaminated_examples"],

@@ -12,7 +12,7 @@ Tasks read it unchanged; copies of several corpora, each in a folder named as it
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -37,22 +37,44 @@ class DecontaminatedCopy:
     ``provenance`` (the n-gram length and the test sets) goes into its ``decontamination`` entry.
     """
     splits = list(self.corpus.file_patterns)
-    num_shards = self.corpus.stats["num_shards"]
     removed = {split: 0 for split in splits}
-    with records.ShardWriters(self.out_dir, splits, num_shards) as shards:
+    with records.ShardWriters(self.out_dir, splits, self.num_shards) as shards:
       for document, overlaps in scanned:
         if overlaps:
           removed[document.split] += 1
         else:
           shards.write(document.split, document.id, document.texts[0].encode("utf-8"))
+    return self.finish(shards.counts, removed, provenance)
+
+  @property
+  def num_shards(self) -> int:
+    return self.corpus.stats["num_shards"]
+
+  def write_split(self, split: str, kept: Iterable[CorpusDocument]) -> list[int]:
+    """Writes the shards of one split from its kept documents, in the order read; returns the
+    records per shard. The Beam scan writes each split so, on a worker of its own: the same
+    round-robin dealing as :meth:`write`, so the same shard files."""
+    with records.ShardWriters(self.out_dir, [split], self.num_shards) as shards:
+      for document in kept:
+        shards.write(split, document.id, document.texts[0].encode("utf-8"))
+    return shards.counts[split]
+
+  def finish(self, counts: Mapping[str, Sequence[int]], removed: Mapping[str, int],
+             provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes ``stats.json`` (last: the copy is complete) from the records per shard of each split
+    and the documents ``removed`` per split; returns it."""
+    splits = list(self.corpus.file_patterns)
+    names = {split: [records.shard_name(split, i, self.num_shards) for i in range(self.num_shards)]
+             for split in splits}
     stats = {
         **self.corpus.stats,
-        "records_written": {split: sum(counts) for split, counts in shards.counts.items()},
-        "shards": {split: dict(zip(shards.names[split], shards.counts[split])) for split in splits},
-        "file_pattern": {split: f"{split}.tfrecord-?????-of-{num_shards:05d}" for split in splits},
-        "decontamination": {"source": self.corpus.path, "removed": removed, **provenance},
+        "records_written": {split: sum(counts[split]) for split in splits},
+        "shards": {split: dict(zip(names[split], counts[split])) for split in splits},
+        "file_pattern": {split: f"{split}.tfrecord-?????-of-{self.num_shards:05d}"
+                         for split in splits},
+        "decontamination": {"source": self.corpus.path, "removed": dict(removed), **provenance},
     }
     records.write_json(os.path.join(self.out_dir, records.STATS_FILE), stats)
     logging.info("%s: decontaminated copy of %s, written %s, removed %s", self.out_dir,
-                 self.corpus.path, stats["records_written"], removed)
+                 self.corpus.path, stats["records_written"], stats["decontamination"]["removed"])
     return stats

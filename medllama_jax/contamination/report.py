@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from medllama_jax.contamination.eval_sets import EvalSetIndex
-from medllama_jax.contamination.scan import Scanner, example_coverage
+from medllama_jax.contamination.scan import SourceTally, TopDocuments, example_coverage
 
 JSON_FILE, MARKDOWN_FILE = "contamination.json", "contamination.md"
 
@@ -35,11 +35,12 @@ def _overlap(coverage: np.ndarray, mine: np.ndarray, ngrams: int) -> dict[str, A
           "ngram_fraction": int(coverage[mine].sum()) / ngrams if ngrams else None}
 
 
-def build_report(index: EvalSetIndex, scanner: Scanner, rejected: Mapping[str, Mapping[str, int]],
-                 settings: Mapping[str, Any]) -> dict[str, Any]:
-  """The report's JSON. ``rejected``: per source, malformed records by reason; ``settings`` (the
+def build_report(index: EvalSetIndex, tallies: Mapping[str, SourceTally], top: TopDocuments,
+                 rejected: Mapping[str, Mapping[str, int]], settings: Mapping[str, Any]
+                 ) -> dict[str, Any]:
+  """The report's JSON. ``tallies`` and ``top``: what the scan kept, per source in the order the
+  sources were given; ``rejected``: per source, malformed records by reason; ``settings`` (the
   inputs and options of the run) are copied in first."""
-  tallies = scanner.tallies
   found_anywhere = np.logical_or.reduce([t.found for t in tallies.values()])
   coverage = example_coverage(index, found_anywhere)
   source_coverage = {name: example_coverage(index, t.found) for name, t in tallies.items()}
@@ -54,7 +55,7 @@ def build_report(index: EvalSetIndex, scanner: Scanner, rejected: Mapping[str, M
         **_overlap(coverage, mine, ngrams),
         "contaminated_indices": index.example_index[mine & (coverage > 0)].tolist(),
         "by_source": {name: _overlap(c, mine, ngrams) for name, c in source_coverage.items()},
-        "top_documents": [dataclasses.asdict(m) for m in scanner.top_documents(number)],
+        "top_documents": [dataclasses.asdict(m) for m in top.best(number)],
     }
   sources = {name: {"kind": t.kind, "documents": t.documents, "words": t.words,
                     "ngrams": t.ngrams, "documents_with_overlap": t.documents_with_overlap,

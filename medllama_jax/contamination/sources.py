@@ -14,8 +14,11 @@ Three kinds of source, each read by the module that reads it for training:
   Pile/RedPajama JSON lines, ``pmc_txt`` for plain text files, the MIMIC and PubMed formats), to
   check data before it is prepared.
 
-Malformed records are skipped, counted by reason in the source's ``rejections`` and logged by file
-and place, never by text.
+Every source is a list of :class:`SourceFile` (a shard, an instruction file, a raw input file), read
+one after another by :meth:`documents`; the Beam scan reads each on a worker of its own with
+:meth:`file_documents`, the same reader. Malformed records are skipped, counted by reason in the
+source's ``rejections`` (or the one given to :meth:`file_documents`) and logged by file and place,
+never by text.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -43,7 +46,31 @@ class CorpusDocument:
   split: str | None = None
 
 
-class PreparedCorpus:
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+  """One file of a source, read on its own: the unit of parallel work of the Beam scan."""
+  path: str
+  split: str | None = None
+
+
+class _FileSource:
+  """A source read file by file: :meth:`documents` chains :meth:`file_documents` over
+  :meth:`files`, the reader the Beam scan calls per file."""
+  rejections: instruct.Rejections
+
+  def files(self) -> Sequence[SourceFile]:
+    raise NotImplementedError
+
+  def file_documents(self, file: SourceFile, rejections: instruct.Rejections
+                     ) -> Iterator[CorpusDocument]:
+    raise NotImplementedError
+
+  def documents(self) -> Iterator[CorpusDocument]:
+    for file in self.files():
+      yield from self.file_documents(file, self.rejections)
+
+
+class PreparedCorpus(_FileSource):
   """A prepared pre-training corpus folder; :attr:`stats` is its ``stats.json``."""
   kind = PREPARED
 
@@ -64,13 +91,18 @@ class PreparedCorpus:
           raise FileNotFoundError(f"{os.path.join(path, shard)}: a shard of split {split!r} listed "
                                   f"in {records.STATS_FILE} is missing")
 
-  def documents(self) -> Iterator[CorpusDocument]:
-    for split, pattern in self.file_patterns.items():
-      for record in records.read_records(pattern):
-        yield CorpusDocument(record["id"], (record["text"],), split)
+  def files(self) -> list[SourceFile]:
+    """Every shard, split by split, in file-name order (``records.read_records``' order)."""
+    return [SourceFile(path, split) for split, pattern in self.file_patterns.items()
+            for path in sorted(tf.io.gfile.glob(pattern))]
+
+  def file_documents(self, file: SourceFile, rejections: instruct.Rejections
+                     ) -> Iterator[CorpusDocument]:
+    for record in records.read_records(file.path):
+      yield CorpusDocument(record["id"], (record["text"],), file.split)
 
 
-class InstructionFile:
+class InstructionFile(_FileSource):
   """One file of instruction records."""
   kind = INSTRUCTION
 
@@ -81,9 +113,13 @@ class InstructionFile:
     self.path = path
     self.rejections = instruct.Rejections()
 
-  def documents(self) -> Iterator[CorpusDocument]:
-    base = os.path.basename(self.path)
-    for location, conversation in instruct.read_conversations(self.path, self.rejections):
+  def files(self) -> list[SourceFile]:
+    return [SourceFile(self.path)]
+
+  def file_documents(self, file: SourceFile, rejections: instruct.Rejections
+                     ) -> Iterator[CorpusDocument]:
+    base = os.path.basename(file.path)
+    for location, conversation in instruct.read_conversations(file.path, rejections):
       texts = [conversation.context] if conversation.context else []
       texts += [turn.text for turn in conversation.turns]
       yield CorpusDocument(conversation.id or f"{base}:{location}", tuple(texts))
@@ -101,7 +137,7 @@ def instruction_files(path: str) -> list[InstructionFile]:
   return [InstructionFile(os.path.join(path, name)) for name in names]
 
 
-class RawCorpus:
+class RawCorpus(_FileSource):
   """Raw corpus files, ``FORMAT:PATH`` (a path or a glob pattern)."""
   kind = RAW
 
@@ -115,13 +151,16 @@ class RawCorpus:
     self.paths = records.expand_inputs([pattern])
     self.rejections = instruct.Rejections()
 
-  def documents(self) -> Iterator[CorpusDocument]:
-    for path in self.paths:
-      for record in corpora.read(self.format, path):
-        if isinstance(record, corpora.Rejected):
-          self.rejections.add(record.source, record.location, record.reason)
-        else:
-          yield CorpusDocument(record.id, (record.text,))
+  def files(self) -> list[SourceFile]:
+    return [SourceFile(path) for path in self.paths]
+
+  def file_documents(self, file: SourceFile, rejections: instruct.Rejections
+                     ) -> Iterator[CorpusDocument]:
+    for record in corpora.read(self.format, file.path):
+      if isinstance(record, corpora.Rejected):
+        rejections.add(record.source, record.location, record.reason)
+      else:
+        yield CorpusDocument(record.id, (record.text,))
 
 
 CorpusSource = PreparedCorpus | InstructionFile | RawCorpus
