@@ -12,8 +12,11 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
+import tarfile
 
 import pytest
+import tensorflow as tf
 
 import tokenizer_families as families
 from medllama_jax.data import beam_options, beam_prepare, corpora, records, token_stats
@@ -73,6 +76,68 @@ def test_direct_runner_writes_what_one_process_writes_on_the_shipped_samples(fmt
   assert sorted(beam_files) == sorted(
       [records.STATS_FILE, *(records.shard_name(split, i, 3)
                              for split in ("train", "validation") for i in range(3))])
+
+
+def upload(local: pathlib.Path, remote: str) -> str:
+  """A copy of a file or folder tree under ``remote``, a path of TensorFlow's in-memory file system,
+  which stands in for a bucket (``gs://``): both are reached through ``tf.io.gfile``."""
+  if local.is_file():
+    tf.io.gfile.makedirs(os.path.dirname(remote))
+    tf.io.gfile.copy(str(local), remote, overwrite=True)
+  else:
+    for path in local.rglob("*"):
+      if path.is_file():
+        upload(path, f"{remote}/{path.relative_to(local).as_posix()}")
+  return remote
+
+
+@pytest.mark.parametrize("fmt", sorted(SHIPPED))
+def test_inputs_and_output_in_a_bucket(fmt, tmp_path):
+  """What a Dataflow job reads and writes: inputs (found by a glob) and the output folder behind a
+  bucket URL; the shards equal those prepared from local files."""
+  bucket = f"ram://test_inputs_and_output_in_a_bucket/{fmt}"
+  for i, path in enumerate(SHIPPED[fmt]):
+    upload(path, f"{bucket}/raw/input{i}/{path.name}")
+  single = records.prepare(fmt, [str(path) for path in SHIPPED[fmt]], str(tmp_path / "single"),
+                           num_shards=2, validation_fraction=0.3)
+  beam = beam_prepare.prepare(fmt, [f"{bucket}/raw/input*/*"], f"{bucket}/out", num_shards=2,
+                              validation_fraction=0.3, pipeline_options=direct_runner())
+  assert beam["inputs"] == [f"{bucket}/raw/input{i}/{path.name}"
+                            for i, path in enumerate(SHIPPED[fmt])]
+  assert {**beam, "inputs": None} == {**single, "inputs": None}
+  names = sorted(path.name for path in (tmp_path / "single").iterdir())
+  assert sorted(tf.io.gfile.listdir(f"{bucket}/out")) == names
+  for name in names:
+    if name != records.STATS_FILE:  # It names the inputs.
+      with tf.io.gfile.GFile(f"{bucket}/out/{name}", "rb") as f:
+        assert f.read() == (tmp_path / "single" / name).read_bytes(), name
+
+
+def test_packages_in_a_bucket(tmp_path):
+  """A tar.gz PMC package with its file list beside it (retractions), and a zip of MIMIC-CXR reports
+  (the release's own packaging), read from a bucket."""
+  bulk = FIXTURES / "pmc_txt_bulk"
+  package = tmp_path / "oa_comm_txt.PMC009xxxxxx.baseline.2025-06-26.tar.gz"
+  with tarfile.open(package, "w:gz") as tar:
+    tar.add(bulk / "PMC009xxxxxx", arcname="PMC009xxxxxx")
+  file_list = next(bulk.glob("*.filelist.csv"))
+  shutil.copy(file_list, tmp_path / file_list.name)
+  reports = pathlib.Path(shutil.make_archive(str(tmp_path / "mimic-cxr-reports"), "zip",
+                                             DEMO / "mimic_cxr_sample"))
+  bucket = "ram://test_packages_in_a_bucket"
+  for fmt, local in [("pmc_txt", package), ("mimic_cxr", reports)]:
+    remote = upload(local, f"{bucket}/raw/{local.name}")
+    if fmt == "pmc_txt":
+      upload(file_list, f"{bucket}/raw/{file_list.name}")
+    single = records.prepare(fmt, [str(local)], str(tmp_path / fmt), num_shards=1)
+    beam = beam_prepare.prepare(fmt, [remote], f"{bucket}/{fmt}", num_shards=1,
+                                pipeline_options=direct_runner())
+    assert {**beam, "inputs": None} == {**single, "inputs": None}
+    assert beam["records_written"]["train"] > 0
+    assert beam["skipped"] == ({"retracted": 1} if fmt == "pmc_txt" else {})
+    name = records.shard_name("train", 0, 1)
+    with tf.io.gfile.GFile(f"{bucket}/{fmt}/{name}", "rb") as f:
+      assert f.read() == (tmp_path / fmt / name).read_bytes()
 
 
 def jsonl(path: pathlib.Path, texts: list[str]) -> pathlib.Path:

@@ -41,6 +41,8 @@ import zlib
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
+from medllama_jax import storage
+
 
 @dataclasses.dataclass(frozen=True)
 class Document:
@@ -72,9 +74,88 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")  # Undecodable bytes (surrogateescap
 _ARCHIVES = (".tar", ".tar.gz", ".tgz")
 _ZSTD_MAX_WINDOW = 2**31  # The Pile's .zst files use long-distance windows.
 _ZSTD_READ_SIZE = 1 << 16
+_REMOTE_BUFFER = 1 << 22  # Bucket reads are round trips: few and large.
 
 
-# Opening files.
+# Opening files. Local paths go through the OS; bucket paths (gs://, s3://) through TensorFlow's file
+# systems, so that a Beam worker reads its input where it lies.
+
+def _tensorflow() -> Any:
+  import tensorflow
+
+  return tensorflow
+
+
+def _open_raw(path: str) -> BinaryIO:
+  """``path``'s bytes as a binary stream (compressed or not)."""
+  if storage.is_remote(path):
+    return io.BufferedReader(_RemoteFile(_tensorflow().io.gfile.GFile(path, "rb")),
+                             buffer_size=_REMOTE_BUFFER)
+  return open(path, "rb")
+
+
+class _RemoteFile(io.RawIOBase):
+  """A ``tf.io.gfile.GFile`` as a raw binary stream, so that ``io``, ``csv``, ``tarfile`` and
+  ``zipfile`` (which seeks) take it like a local file."""
+
+  def __init__(self, file: Any):
+    self._file = file
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def readinto(self, buffer: Any) -> int:
+    data = self._file.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    self._file.seek(offset, whence)
+    return self._file.tell()
+
+  def tell(self) -> int:
+    return self._file.tell()
+
+  def close(self) -> None:
+    self._file.close()
+    super().close()
+
+
+def _isdir(path: str) -> bool:
+  return _tensorflow().io.gfile.isdir(path) if storage.is_remote(path) else os.path.isdir(path)
+
+
+def _walk(path: str) -> Iterator[tuple[str, list[str], list[str]]]:
+  """``os.walk`` for either kind of path (sorting ``dirs`` in place orders the walk in both)."""
+  return _tensorflow().io.gfile.walk(path) if storage.is_remote(path) else os.walk(path)
+
+
+def _listdir(path: str) -> list[str]:
+  return _tensorflow().io.gfile.listdir(path) if storage.is_remote(path) else os.listdir(path)
+
+
+def _isfile(path: str) -> bool:
+  if storage.is_remote(path):
+    return _tensorflow().io.gfile.exists(path) and not _isdir(path)
+  return os.path.isfile(path)
+
+
+class _GzipStream(gzip.GzipFile):
+  """A gzip stream over an open file that it closes with itself (``GzipFile`` leaves it open)."""
+
+  def __init__(self, raw: BinaryIO):
+    super().__init__(fileobj=raw, mode="rb")
+    self._raw = raw
+
+  def close(self) -> None:
+    try:
+      super().close()
+    finally:
+      self._raw.close()
+
 
 def _zstandard() -> Any:
   """The optional ``zstandard`` module, or None when it is not installed."""
@@ -88,14 +169,14 @@ def _zstandard() -> Any:
 def _open_binary(path: str) -> BinaryIO:
   """``path`` as a binary stream, decompressing ``.gz`` and ``.zst`` on the fly."""
   if path.endswith(".gz"):
-    return gzip.open(path, "rb")
+    return _GzipStream(_open_raw(path))
   if path.endswith(".zst"):
     zstandard = _zstandard()
     if zstandard is None:
       raise CorpusError(f"{path}: reading .zst files needs the optional 'zstandard' package "
                         "(pip install zstandard)")
     return io.BufferedReader(_ChunkStream(_zstd_chunks(zstandard, path)))
-  return open(path, "rb")
+  return _open_raw(path)
 
 
 def _zstd_chunks(zstandard: Any, path: str) -> Generator[bytes, None, None]:
@@ -103,7 +184,7 @@ def _zstd_chunks(zstandard: Any, path: str) -> Generator[bytes, None, None]:
 
   (zstandard's own ``stream_reader`` ends quietly at a truncation: the lost tail would go unnoticed.)
   """
-  with open(path, "rb") as raw:
+  with _open_raw(path) as raw:
     frame = None
     while data := raw.read(_ZSTD_READ_SIZE):
       while data:
@@ -149,26 +230,26 @@ def _files(path: str, suffixes: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
   Names are relative to the folder or package, with ``/`` separators; a plain file is itself, named by
   its base name. Packages are read as streams, one member in memory at a time.
   """
-  if os.path.isdir(path):
-    for root, dirs, names in os.walk(path):
+  if _isdir(path):
+    for root, dirs, names in _walk(path):
       dirs.sort()
       for name in sorted(names):
         if name.endswith(suffixes):
           full = os.path.join(root, name)
-          with open(full, "rb") as f:
+          with _open_raw(full) as f:
             yield os.path.relpath(full, path).replace(os.sep, "/"), f.read()
   elif path.endswith(_ARCHIVES):
-    with tarfile.open(path, "r|*") as tar:
+    with _open_raw(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
       for member in tar:
         if member.isfile() and member.name.endswith(suffixes):
           yield member.name, tar.extractfile(member).read()
   elif path.endswith(".zip"):
-    with zipfile.ZipFile(path) as package:
+    with _open_raw(path) as raw, zipfile.ZipFile(raw) as package:
       for info in package.infolist():
         if not info.is_dir() and info.filename.endswith(suffixes):
           yield info.filename, package.read(info)
   else:
-    with open(path, "rb") as f:
+    with _open_raw(path) as f:
       yield os.path.basename(path), f.read()
 
 
@@ -348,13 +429,13 @@ def read_pmc_txt(path: str) -> Iterator[Record]:
 
 def _file_lists(path: str) -> list[str]:
   """The file lists that go with an input: ``X.filelist.csv`` beside package ``X``, or those in a folder."""
-  if os.path.isdir(path):
-    return [os.path.join(path, name) for name in sorted(os.listdir(path))
+  if _isdir(path):
+    return [os.path.join(path, name) for name in sorted(_listdir(path))
             if name == _FILE_LIST[1:] or name.endswith(_FILE_LIST)]
   for suffix in (*_ARCHIVES, ".zip"):
     if path.endswith(suffix):
       candidate = path[:-len(suffix)] + _FILE_LIST
-      return [candidate] if os.path.isfile(candidate) else []
+      return [candidate] if _isfile(candidate) else []
   return []
 
 
@@ -362,7 +443,7 @@ def _retracted_articles(path: str) -> frozenset[str]:
   """Base names of the articles that the input's file lists mark ``Retracted`` = ``yes``."""
   retracted = set()
   for file_list in _file_lists(path):
-    with open(file_list, encoding="utf-8-sig", newline="") as f:
+    with io.TextIOWrapper(_open_raw(file_list), encoding="utf-8-sig", newline="") as f:
       rows = csv.DictReader(f)
       missing = [c for c in _FILE_LIST_COLUMNS if c not in (rows.fieldnames or [])]
       if missing:
@@ -638,7 +719,10 @@ def _file_errors() -> tuple[type[BaseException], ...]:
   errors: tuple[type[BaseException], ...] = (
       EOFError, OSError, zlib.error, tarfile.TarError, zipfile.BadZipFile, ET.ParseError)
   zstandard = _zstandard()
-  return errors + (zstandard.ZstdError,) if zstandard is not None else errors
+  if zstandard is not None:
+    errors += (zstandard.ZstdError,)
+  tensorflow = sys.modules.get("tensorflow")  # A bucket file's read errors are TensorFlow's.
+  return errors + (tensorflow.errors.OpError,) if tensorflow is not None else errors
 
 
 def _file_error_reason(error: BaseException) -> str:
@@ -647,6 +731,9 @@ def _file_error_reason(error: BaseException) -> str:
   if isinstance(error, ET.ParseError):
     return "bad_xml"
   if isinstance(error, OSError) and not isinstance(error, gzip.BadGzipFile):
+    return "unreadable_file"
+  tensorflow = sys.modules.get("tensorflow")
+  if tensorflow is not None and isinstance(error, tensorflow.errors.OpError):
     return "unreadable_file"
   return "corrupt_file"
 
