@@ -18,6 +18,7 @@ import pytest
 from test_contamination import M0, cli_args, write_inputs, write_jsonl
 
 from medllama_jax.cli import contamination as cli
+from medllama_jax.data import records
 
 BEAM = ("--runner", "DirectRunner")
 
@@ -42,12 +43,16 @@ def run_and_read(argv: list[str], out: str, copy: str | None, capsys) -> dict[st
 @pytest.mark.parametrize("options", [("--batch_words", "5"), ("--n", "1")])
 def test_beam_report_and_copy_equal_the_single_process_ones(inputs, tmp_path, capsys, options):
   out, copy = str(tmp_path / "report"), str(tmp_path / "clean")
-  argv = cli_args(inputs, out, *options, "--write_decontaminated", copy)
+  # A second prepared corpus (three shards per split), so two copies are written.
+  web_pages = str(tmp_path / "web_pages")
+  records.prepare("jsonl", [inputs["raw"].partition(":")[2]], web_pages, num_shards=3,
+                  validation_fraction=0.5)
+  argv = cli_args(inputs, out, *options, "--prepared", web_pages, "--write_decontaminated", copy)
   single = run_and_read(argv, out, copy, capsys)
   beam = run_and_read([*argv, "--overwrite", *BEAM], out, copy, capsys)
   assert sorted(beam) == sorted(single)
-  assert "contamination.json" in beam and "pubmed_abstracts/stats.json" in beam
-  assert len([name for name in beam if ".tfrecord-" in name]) == 4
+  assert "contamination.json" in beam and "web_pages/stats.json" in beam
+  assert len([name for name in beam if ".tfrecord-" in name]) == 4 + 6
   for name in single:
     assert beam[name] == single[name], name
   written = json.loads(beam["pubmed_abstracts/stats.json"])["records_written"]

@@ -12,10 +12,14 @@ the driver reads back and turns into the same report as the single-process scan.
 their position (source, file, record), so ties among the best matching documents are broken in
 read order, as in one pass.
 
-Decontaminated copies: the kept documents of each split are grouped on one worker, put back in
-read order and dealt into the shards by ``DecontaminatedCopy.write_split``, so the shard files are
-those the single-process run writes; the driver writes ``stats.json`` last. One split's kept
-records pass through that worker's memory.
+Decontaminated copies are written as the Beam corpus preparer (``medllama_jax.data.beam_prepare``)
+writes its shards, with its functions: the single process deals each split's kept documents
+round-robin in read order, so a document's shard is its rank in its split modulo the shard count;
+the rank is the number of documents kept from earlier files (a small table of per-file counts, a
+side input) plus its rank in its own file; each shard is grouped, put in rank order and written by
+one worker under a temporary name. The driver then renames the shards into place (an empty file for
+a shard nothing went to) and writes ``stats.json`` last, as ``DecontaminatedCopy.write`` does: the
+shard files are those of the single-process run. A worker holds one shard's records.
 
 The index goes out and results come back through files in one folder: under ``--temp_location``
 when given (a cluster runner needs a folder its workers and the driver share, e.g. ``gs://...``),
@@ -42,18 +46,12 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from medllama_jax.contamination.decontaminate import DecontaminatedCopy
 from medllama_jax.contamination.eval_sets import EvalSetIndex
-from medllama_jax.contamination.scan import (
-  Position,
-  SourceTally,
-  TopDocuments,
-  check_settings,
-  scan_documents,
-)
-from medllama_jax.contamination.sources import CorpusDocument, CorpusSource, SourceFile
-from medllama_jax.data import instruct
+from medllama_jax.contamination.scan import (SourceTally, TopDocuments, check_settings,
+                                              scan_documents)
+from medllama_jax.contamination.sources import CorpusSource, SourceFile
+from medllama_jax.data import beam_prepare, instruct
 
-_KEPT = "kept"
-_INDEX, _SCAN_RESULT, _SHARD_COUNTS = "index.pickle", "scan.pickle", "shard_counts.pickle"
+_INDEX, _SCAN_RESULT = "index.pickle", "scan.pickle"
 
 
 @dataclasses.dataclass
@@ -90,12 +88,21 @@ class _FileTask:
   file: SourceFile
 
 
+def _kept_tag(copy_number: int) -> str:
+  return f"kept{copy_number}"
+
+
+def _shard_counts_file(copy_number: int) -> str:
+  return f"shard_counts{copy_number}.pickle"
+
+
 class _ScanFile(beam.DoFn):
-  """Scans one file: yields its :class:`ScanPart`, and on the ``kept`` output, for a corpus being
-  copied, ``((corpus, split), (position, document))`` for every document that does not overlap."""
+  """Scans one file: yields its :class:`ScanPart` and, for a corpus being copied (``copied``: its
+  name → its output's tag), every document that does not overlap as ``beam_prepare`` ranks them:
+  ``((split, file), (file, record, id, text))``."""
 
   def __init__(self, index_path: str, top_documents: int, batch_words: int,
-               copied: frozenset[str]):
+               copied: Mapping[str, str]):
     self._index_path = index_path
     self._top_documents = top_documents
     self._batch_words = batch_words
@@ -119,8 +126,9 @@ class _ScanFile(beam.DoFn):
     copied = name in self._copied
     for record, (document, overlaps) in enumerate(scanned):
       if copied and not overlaps:
-        position = (task.source_number, task.file_number, record)
-        yield beam.pvalue.TaggedOutput(_KEPT, ((name, document.split), (position, document)))
+        kept = (task.file_number, record, document.id, document.texts[0].encode("utf-8"))
+        yield beam.pvalue.TaggedOutput(self._copied[name],
+                                       ((document.split, task.file_number), kept))
     removed = ({name: collections.Counter({task.file.split: tally.documents_with_overlap})}
                if copied else {})
     yield ScanPart({name: tally}, top, {name: collections.Counter(rejections.counts)}, removed)
@@ -145,15 +153,6 @@ class _MergeParts(beam.CombineFn):
 
   def extract_output(self, merged: ScanPart | None) -> ScanPart | None:
     return merged
-
-
-def _write_split(group: tuple[tuple[str, str], Iterable[tuple[Position, CorpusDocument]]],
-                 copies: Mapping[str, DecontaminatedCopy]
-                 ) -> tuple[tuple[str, str], list[int]]:
-  """Writes one split of a copy from its kept documents, put back in read order."""
-  (name, split), kept = group
-  documents = [document for _, document in sorted(kept, key=lambda item: item[0])]
-  return (name, split), copies[name].write_split(split, documents)
 
 
 def _save(value: Any, path: str) -> None:
@@ -181,25 +180,43 @@ def _remove(work_dir: str, paths: Iterable[str]) -> None:
 
 def _build(pipeline: beam.Pipeline, sources: Sequence[CorpusSource], top_documents: int,
            batch_words: int, copies: Mapping[str, DecontaminatedCopy], work_dir: str) -> None:
-  """The pipeline: files scanned in parallel, parts merged, kept documents written per split."""
+  """The pipeline: files scanned in parallel, parts merged, each copy's kept documents written."""
   tasks = [_FileTask(source_number, file_number, source, file)
            for source_number, source in enumerate(sources)
            for file_number, file in enumerate(source.files())]
+  tags = {name: _kept_tag(number) for number, name in enumerate(copies)}
   scanned = (pipeline
              | "Files" >> beam.Create(tasks)
              | "Spread" >> beam.Reshuffle()
              | "Scan" >> beam.ParDo(_ScanFile(FileSystems.join(work_dir, _INDEX), top_documents,
-                                              batch_words, frozenset(copies)))
-             .with_outputs(_KEPT, main="parts"))
+                                              batch_words, tags))
+             .with_outputs(*tags.values(), main="parts"))
   _ = (scanned.parts
        | "Merge" >> beam.CombineGlobally(_MergeParts())
        | "SaveScan" >> beam.Map(_save, FileSystems.join(work_dir, _SCAN_RESULT)))
-  if copies:
-    _ = (scanned[_KEPT]
-         | "GroupSplits" >> beam.GroupByKey()
-         | "WriteSplits" >> beam.Map(_write_split, copies)
-         | "ShardCounts" >> beam.combiners.ToList()
-         | "SaveCounts" >> beam.Map(_save, FileSystems.join(work_dir, _SHARD_COUNTS)))
+  for number, copied in enumerate(copies.values()):
+    _write_copy(scanned[_kept_tag(number)], copied, number,
+                FileSystems.join(work_dir, _shard_counts_file(number)))
+
+
+def _write_copy(kept: beam.PCollection, copied: DecontaminatedCopy, number: int,
+                shard_counts_path: str) -> None:
+  """Ranks a copy's kept documents in their split and writes its shards (``beam_prepare``'s
+  steps); saves ``[(split, shard, records, None)]``."""
+  offsets = (kept
+             | f"KeptPerFile{number}" >> beam.Map(lambda keyed: (keyed[0], 1))
+             | f"CountKept{number}" >> beam.CombinePerKey(sum)
+             | f"AllFiles{number}" >> beam.combiners.ToList()
+             | f"Offsets{number}" >> beam.Map(beam_prepare._input_offsets))
+  _ = (kept
+       | f"GroupFiles{number}" >> beam.GroupByKey()
+       | f"Rank{number}" >> beam.FlatMap(beam_prepare._ranked, beam.pvalue.AsSingleton(offsets),
+                                        copied.num_shards)
+       | f"GroupShards{number}" >> beam.GroupByKey()
+       | f"WriteShards{number}" >> beam.Map(beam_prepare._write_shard, copied.out_dir,
+                                            copied.num_shards, None)
+       | f"ShardCounts{number}" >> beam.combiners.ToList()
+       | f"SaveCounts{number}" >> beam.Map(_save, shard_counts_path))
 
 
 def _empty(sources: Sequence[CorpusSource], index: EvalSetIndex, top_documents: int,
@@ -213,18 +230,17 @@ def _empty(sources: Sequence[CorpusSource], index: EvalSetIndex, top_documents: 
        for name, c in copies.items()})
 
 
-def _finish_copies(copies: Mapping[str, DecontaminatedCopy],
-                   shard_counts: Sequence[tuple[tuple[str, str], list[int]]],
-                   removed: Mapping[str, Mapping[str, int]], provenance: Mapping[str, Any]
-                   ) -> dict[str, dict[str, Any]]:
-  """Writes the empty shards of splits with nothing kept and every copy's ``stats.json``."""
-  written = dict(shard_counts)
-  stats = {}
-  for name, copied in copies.items():
-    counts = {split: written[name, split] if (name, split) in written
-              else copied.write_split(split, []) for split in copied.corpus.file_patterns}
-    stats[name] = copied.finish(counts, dict(removed[name]), provenance)
-  return stats
+def _finish_copy(copied: DecontaminatedCopy,
+                 shard_counts: Sequence[tuple[str, int, int, None]],
+                 removed: Mapping[str, int], provenance: Mapping[str, Any]) -> dict[str, Any]:
+  """Renames the copy's shards into place (empty files where nothing went) and writes its
+  ``stats.json``; returns it."""
+  splits = list(copied.corpus.file_patterns)
+  beam_prepare._move_into_place(copied.out_dir, splits, copied.num_shards)
+  counts = {split: [0] * copied.num_shards for split in splits}
+  for split, shard, count, _ in shard_counts:
+    counts[split][shard] = count
+  return copied.finish(counts, dict(removed), provenance)
 
 
 def run_scan(sources: Sequence[CorpusSource], index: EvalSetIndex, top_documents: int,
@@ -234,7 +250,8 @@ def run_scan(sources: Sequence[CorpusSource], index: EvalSetIndex, top_documents
   """Runs the scan on Beam; returns the merged scan and each copy's ``stats.json``."""
   check_settings(top_documents, batch_words)
   work_dir = _work_dir(options)
-  paths = {name: FileSystems.join(work_dir, name) for name in (_INDEX, _SCAN_RESULT, _SHARD_COUNTS)}
+  paths = {name: FileSystems.join(work_dir, name)
+           for name in (_INDEX, _SCAN_RESULT, *map(_shard_counts_file, range(len(copies))))}
   logging.info("Beam scan of %d sources; the index and results pass through %s", len(sources),
                work_dir)
   _save(index, paths[_INDEX])
@@ -242,10 +259,15 @@ def run_scan(sources: Sequence[CorpusSource], index: EvalSetIndex, top_documents
     with beam.Pipeline(options=options) as pipeline:
       _build(pipeline, sources, top_documents, batch_words, copies, work_dir)
     scanned = _load(paths[_SCAN_RESULT])
-    shard_counts = _load(paths[_SHARD_COUNTS]) if copies else []
+    shard_counts = [_load(paths[_shard_counts_file(number)]) for number in range(len(copies))]
+  except BaseException:
+    for copied in copies.values():
+      beam_prepare._discard(copied.out_dir, list(copied.corpus.file_patterns), copied.num_shards)
+    raise
   finally:
     _remove(work_dir, paths.values())
   merged = _empty(sources, index, top_documents, copies)
   if scanned is not None:
     merged.merge(scanned)
-  return merged, _finish_copies(copies, shard_counts, merged.removed, provenance)
+  return merged, {name: _finish_copy(copied, counts, merged.removed[name], provenance)
+                  for (name, copied), counts in zip(copies.items(), shard_counts)}

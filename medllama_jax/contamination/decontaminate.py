@@ -50,15 +50,6 @@ class DecontaminatedCopy:
   def num_shards(self) -> int:
     return self.corpus.stats["num_shards"]
 
-  def write_split(self, split: str, kept: Iterable[CorpusDocument]) -> list[int]:
-    """Writes the shards of one split from its kept documents, in the order read; returns the
-    records per shard. The Beam scan writes each split so, on a worker of its own: the same
-    round-robin dealing as :meth:`write`, so the same shard files."""
-    with records.ShardWriters(self.out_dir, [split], self.num_shards) as shards:
-      for document in kept:
-        shards.write(split, document.id, document.texts[0].encode("utf-8"))
-    return shards.counts[split]
-
   def finish(self, counts: Mapping[str, Sequence[int]], removed: Mapping[str, int],
              provenance: Mapping[str, Any]) -> dict[str, Any]:
     """Writes ``stats.json`` (last: the copy is complete) from the records per shard of each split
