@@ -39,7 +39,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 from absl import logging
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
@@ -115,14 +114,13 @@ class _ScanFile(beam.DoFn):
   def process(self, task: _FileTask) -> Iterator[Any]:
     index = self._index
     name = task.source.name
-    tally = SourceTally(task.source.kind, np.zeros(len(index.hashes), bool))
+    tally = SourceTally.empty(task.source.kind, index)
     top = TopDocuments(len(index.datasets), self._top_documents)
     rejections = instruct.Rejections()
     documents = task.source.file_documents(task.file, rejections)
     positioned = (((task.source_number, task.file_number, record), document)
                   for record, document in enumerate(documents))
-    scanned = scan_documents(index, name, positioned, tally, top,
-                             self._batch_words)
+    scanned = scan_documents(index, name, positioned, tally, top, self._batch_words)
     copied = name in self._copied
     for record, (document, overlaps) in enumerate(scanned):
       if copied and not overlaps:
@@ -223,7 +221,7 @@ def _empty(sources: Sequence[CorpusSource], index: EvalSetIndex, top_documents: 
            copies: Mapping[str, DecontaminatedCopy]) -> ScanPart:
   """Zero counts for every source in the order given (the report's order), every copied split."""
   return ScanPart(
-      {s.name: SourceTally(s.kind, np.zeros(len(index.hashes), bool)) for s in sources},
+      {s.name: SourceTally.empty(s.kind, index) for s in sources},
       TopDocuments(len(index.datasets), top_documents),
       {s.name: collections.Counter() for s in sources},
       {name: collections.Counter({split: 0 for split in c.corpus.file_patterns})

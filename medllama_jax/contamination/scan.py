@@ -40,6 +40,11 @@ class SourceTally:
   ngrams: int = 0
   documents_with_overlap: int = 0
 
+  @classmethod
+  def empty(cls, kind: str, index: EvalSetIndex) -> SourceTally:
+    """Nothing read yet, against ``index``."""
+    return cls(kind, np.zeros(len(index.hashes), bool))
+
   def merge(self, other: SourceTally) -> SourceTally:
     """Adds the counts of ``other`` (another part of the same source) to these; returns self."""
     self.found |= other.found
@@ -177,16 +182,13 @@ class Scanner:
     self.tallies: dict[str, SourceTally] = {}
     self.top = TopDocuments(len(index.datasets), top_documents)
 
-  def new_tally(self, kind: str) -> SourceTally:
-    return SourceTally(kind, np.zeros(len(self.index.hashes), bool))
-
   def scan(self, source: str, kind: str, documents: Iterable[CorpusDocument]
            ) -> Iterator[tuple[CorpusDocument, bool]]:
     """Documents are positioned (source number, number read), so ties rank in read order."""
     if source in self.tallies:
       raise ValueError(f"corpus source {source} given twice")
     number = len(self.tallies)
-    tally = self.tallies[source] = self.new_tally(kind)
+    tally = self.tallies[source] = SourceTally.empty(kind, self.index)
     yield from scan_documents(self.index, source,
                               (((number, read), d) for read, d in enumerate(documents)),
                               tally, self.top, self.batch_words)
