@@ -4,12 +4,15 @@
       --out data/pubmed_abstracts [--num_shards 64] [--validation_fraction 0.001] [--min_chars 32] \\
       [--max_errors 0.01] [--overwrite] [--pile_set_name "PubMed Abstracts"] \\
       [--mimic_category "Discharge summary"] [--vocabulary MODEL_DIR] \\
+      [--near_duplicates 0.8 [--shingle_words 5] [--minhash_permutations 128]] \\
       [--runner DirectRunner|DataflowRunner|... [Beam pipeline options]]
 
 --input repeats and takes glob patterns (gs:// too). Prints the summary (stats.json) as JSON; exit
 status 1 with a one-line message on a missing input, a non-empty output folder, a bad option or more
 damaged records than --max_errors allows. With --vocabulary the written documents' tokens are counted
-(token_stats.json, as scripts/count_tokens.py writes it, and per split in stats.json). With --runner
+(token_stats.json, as scripts/count_tokens.py writes it, and per split in stats.json).
+--near_duplicates also removes documents whose word shingles reach that Jaccard similarity with an
+earlier document's (MinHash LSH; medllama_jax/data/near_duplicates.py). With --runner
 the same work runs as an Apache Beam pipeline on that runner, with the same output; every other
 unknown argument goes to Beam (--project, --region, --temp_location, --direct_num_workers, ...). See
 medllama_jax/data/records.py for the output format, medllama_jax/data/beam_prepare.py for the
@@ -47,19 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--vocabulary", metavar="MODEL_DIR",
                       help="count the written documents' tokens with this model folder's (or "
                            "tokenizer file's) tokenizer")
+  parser.add_argument("--near_duplicates", type=float, metavar="THRESHOLD",
+                      help="also remove near duplicates: documents whose word shingles reach this "
+                           "Jaccard similarity with an earlier document's (e.g. 0.8; default: off)")
+  parser.add_argument("--shingle_words", type=int, default=5, help="words per shingle")
+  parser.add_argument("--minhash_permutations", type=int, default=128,
+                      help="MinHash signature length")
   beam_options.add_runner_flag(parser)
   return parser
 
 
 def _prepare(args: argparse.Namespace, beam_args: Sequence[str]) -> int:
   from medllama_jax.data import records
+  from medllama_jax.data.near_duplicates import NearDuplicateSettings
   from medllama_jax.data.vocab import model_vocabulary
 
   options = {name: getattr(args, name) for name in ("pile_set_name", "mimic_category")
              if getattr(args, name) is not None}
   settings = dict(num_shards=args.num_shards, validation_fraction=args.validation_fraction,
                   min_chars=args.min_chars, overwrite=args.overwrite, max_errors=args.max_errors,
-                  vocabulary=model_vocabulary(args.vocabulary) if args.vocabulary else None)
+                  vocabulary=model_vocabulary(args.vocabulary) if args.vocabulary else None,
+                  near_duplicates=None if args.near_duplicates is None else NearDuplicateSettings(
+                      args.near_duplicates, args.shingle_words, args.minhash_permutations))
   if args.runner:
     from medllama_jax.data import beam_prepare
 

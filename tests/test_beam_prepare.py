@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import random
 import shutil
 import tarfile
 
@@ -20,6 +21,7 @@ import tensorflow as tf
 
 import tokenizer_families as families
 from medllama_jax.data import beam_options, beam_prepare, corpora, records, token_stats
+from medllama_jax.data.near_duplicates import NearDuplicateSettings
 from medllama_jax.data.vocab import model_vocabulary
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -168,6 +170,39 @@ def test_duplicates_across_input_files_are_removed_and_the_first_copy_kept(tmp_p
                      | {f"b.jsonl:{i + 1}" for i in range(2, 12)})
 
 
+def test_near_duplicates_across_input_files_are_removed_by_both_engines(tmp_path):
+  """Each of ten documents is followed, in later files, by a copy with one word of 300 edited
+  (Jaccard about 0.97: LSH makes them candidates with probability 0.9999) or with 120 edited (about
+  0.05): the first are removed, the second kept."""
+  rng = random.Random(0)
+  originals = [[f"w{rng.randrange(3000)}" for _ in range(300)] for _ in range(10)]
+
+  def edit(words, count):
+    copy = list(words)
+    for i in rng.sample(range(len(copy)), count):
+      copy[i] = f"edit{rng.randrange(10**9)}"
+    return " ".join(copy)
+
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  inputs = [jsonl(raw / "a.jsonl", [" ".join(words) for words in originals]),
+            jsonl(raw / "b.jsonl", [edit(words, 1) for words in originals[:6]]
+                  + [edit(words, 120) for words in originals[6:]]),
+            jsonl(raw / "c.jsonl", [edit(words, 1) for words in originals[6:]])]
+  settings = NearDuplicateSettings(threshold=0.8)
+  (single, single_files), (beam, beam_files) = prepare_both(
+      "jsonl", inputs, tmp_path, num_shards=3, validation_fraction=0.3, near_duplicates=settings)
+  assert beam == single
+  assert beam_files == single_files
+  assert beam["near_duplicates"] == {**settings.describe(), "removed": 10}
+  written = {r["id"] for pattern in records.split_file_patterns(str(tmp_path / "beam")).values()
+             for r in records.read_records(pattern)}
+  assert written == ({f"a.jsonl:{i}" for i in range(1, 11)}
+                     | {f"b.jsonl:{i}" for i in range(7, 11)})
+  off = records.prepare("jsonl", [str(path) for path in inputs], str(tmp_path / "off"))
+  assert "near_duplicates" not in off and sum(off["records_written"].values()) == 24
+
+
 @pytest.mark.parametrize("max_errors, one_process_saw", [(0.1, "1 of 9 records (11.11%)"),
                                                          (0, "1 of 5 records (20.00%)")])
 def test_too_many_errors_leave_the_folder_empty(max_errors, one_process_saw, tmp_path):
@@ -223,7 +258,23 @@ def test_cli_runs_on_the_runner_it_names_and_passes_beam_options_through(tmp_pat
   assert cli.main([*common, "--out", str(tmp_path / "beam"), "--runner", "DirectRunner",
                    "--direct_num_workers", "2", "--direct_running_mode", "multi_threading"]) == 0
   assert json.loads(capsys.readouterr().out) == single
+  assert "near_duplicates" not in single
   assert folder_bytes(tmp_path / "beam") == folder_bytes(tmp_path / "single")
+
+
+def test_cli_near_duplicate_settings(tmp_path, capsys):
+  cli = load_cli()
+  assert cli.main(["--format", "jsonl", "--input", str(SHIPPED["jsonl"][0]), "--out",
+                   str(tmp_path / "o"), "--near_duplicates", "0.7", "--shingle_words", "3",
+                   "--minhash_permutations", "64", "--runner", "DirectRunner"]) == 0
+  stats = json.loads(capsys.readouterr().out)
+  bands, rows = NearDuplicateSettings(0.7, 3, 64).layout
+  assert stats["near_duplicates"] == {"threshold": 0.7, "shingle_words": 3, "permutations": 64,
+                                      "bands": bands, "rows": rows, "removed": 0}
+  assert cli.main(["--format", "jsonl", "--input", str(SHIPPED["jsonl"][0]), "--out",
+                   str(tmp_path / "bad"), "--near_duplicates", "1.5"]) == 1
+  assert capsys.readouterr().err.startswith(
+      "prepare_corpus: error: near duplicates need 0 < threshold <= 1")
 
 
 def test_cli_refuses_beam_options_without_a_runner(tmp_path, capsys):

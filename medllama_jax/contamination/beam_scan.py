@@ -201,18 +201,7 @@ def _write_copy(kept: beam.PCollection, copied: DecontaminatedCopy, number: int,
                 shard_counts_path: str) -> None:
   """Ranks a copy's kept documents in their split and writes its shards (``beam_prepare``'s
   steps); saves ``[(split, shard, records, None)]``."""
-  offsets = (kept
-             | f"KeptPerFile{number}" >> beam.Map(lambda keyed: (keyed[0], 1))
-             | f"CountKept{number}" >> beam.CombinePerKey(sum)
-             | f"AllFiles{number}" >> beam.combiners.ToList()
-             | f"Offsets{number}" >> beam.Map(beam_prepare._input_offsets))
-  _ = (kept
-       | f"GroupFiles{number}" >> beam.GroupByKey()
-       | f"Rank{number}" >> beam.FlatMap(beam_prepare._ranked, beam.pvalue.AsSingleton(offsets),
-                                        copied.num_shards)
-       | f"GroupShards{number}" >> beam.GroupByKey()
-       | f"WriteShards{number}" >> beam.Map(beam_prepare._write_shard, copied.out_dir,
-                                            copied.num_shards, None)
+  _ = (beam_prepare.write_shards(kept, copied.out_dir, copied.num_shards, None, stage=str(number))
        | f"ShardCounts{number}" >> beam.combiners.ToList()
        | f"SaveCounts{number}" >> beam.Map(_save, shard_counts_path))
 
@@ -234,7 +223,7 @@ def _finish_copy(copied: DecontaminatedCopy,
   """Renames the copy's shards into place (empty files where nothing went) and writes its
   ``stats.json``; returns it."""
   splits = list(copied.corpus.file_patterns)
-  beam_prepare._move_into_place(copied.out_dir, splits, copied.num_shards)
+  beam_prepare.move_into_place(copied.out_dir, splits, copied.num_shards)
   counts = {split: [0] * copied.num_shards for split in splits}
   for split, shard, count, _ in shard_counts:
     counts[split][shard] = count
@@ -260,7 +249,7 @@ def run_scan(sources: Sequence[CorpusSource], index: EvalSetIndex, top_documents
     shard_counts = [_load(paths[_shard_counts_file(number)]) for number in range(len(copies))]
   except BaseException:
     for copied in copies.values():
-      beam_prepare._discard(copied.out_dir, list(copied.corpus.file_patterns), copied.num_shards)
+      beam_prepare.discard(copied.out_dir, list(copied.corpus.file_patterns), copied.num_shards)
     raise
   finally:
     _remove(work_dir, paths.values())

@@ -8,6 +8,8 @@ passing, the pipeline does with keys:
 * exact duplicates, across the whole corpus: documents are combined by content hash
   (:func:`records.content_key`), and each text keeps its first document in input order (input file,
   then place in it): the one the single process keeps;
+* near duplicates, when asked for (:mod:`near_duplicates`): every document's MinHash signature goes to
+  its LSH buckets, each bucket marks the documents near its first one, and the marked are dropped;
 * the split, by id hash (:func:`records.split_of`), as before;
 * the shards: the single process deals each split's documents round-robin in input order, so a
   document's shard is its rank in its split modulo ``num_shards``. The rank is the number of documents
@@ -38,6 +40,8 @@ import tensorflow as tf
 from absl import logging
 
 from medllama_jax.data import corpora, records
+from medllama_jax.data import near_duplicates as minhash
+from medllama_jax.data.near_duplicates import NearDuplicateSettings
 
 if TYPE_CHECKING:
   from apache_beam.options.pipeline_options import PipelineOptions
@@ -86,6 +90,42 @@ class FirstOccurrence(beam.CombineFn):
     return accumulator
 
 
+def _signed(document: Document, settings: NearDuplicateSettings
+            ) -> Iterator[tuple[bytes, tuple[tuple[int, int], Any]]]:
+  """The document's place and MinHash signature, keyed by each of its LSH buckets."""
+  signature = minhash.signature(document[3].decode("utf-8"), settings)
+  for key in minhash.bucket_keys(signature, settings):
+    yield key, (document[:2], signature)
+
+
+def _near_first(bucket: tuple[bytes, Iterable[tuple[tuple[int, int], Any]]],
+                threshold: float) -> Iterator[tuple[int, int]]:
+  """The places of a bucket's documents that are near its first one (in input order)."""
+  _, members = bucket
+  members = sorted(members, key=lambda member: member[0])
+  first = members[0][1]
+  for place, signature in members[1:]:
+    if minhash.similar(signature, first, threshold):
+      yield place
+
+
+def _drop_near_duplicates(documents: beam.PCollection, settings: NearDuplicateSettings
+                          ) -> tuple[beam.PCollection, beam.PCollection]:
+  """The documents that are no near duplicates, and how many were."""
+  near = (documents
+          | "Sign" >> beam.FlatMap(_signed, settings)
+          | "GroupBuckets" >> beam.GroupByKey()
+          | "NearTheFirst" >> beam.FlatMap(_near_first, settings.threshold)
+          | "OncePerDocument" >> beam.Distinct())
+  count = near | "CountNear" >> beam.combiners.Count.Globally()
+  kept = ({"document": documents | "ByPlace" >> beam.Map(lambda d: (d[:2], d)),
+           "near": near | "Marked" >> beam.Map(lambda place: (place, True))}
+          | "JoinMarks" >> beam.CoGroupByKey()
+          | "Unmarked" >> beam.FlatMap(
+              lambda joined: [] if joined[1]["near"] else joined[1]["document"]))
+  return kept, count
+
+
 def _input_offsets(counts: Iterable[tuple[tuple[str, int], int]]) -> dict[tuple[str, int], int]:
   """``{(split, input): documents of that split kept from earlier inputs}``."""
   offsets = {}
@@ -130,14 +170,17 @@ def _write_shard(group: tuple[tuple[str, int], Iterable[tuple[int, str, bytes]]]
 
 def _write_summary(_: Any, out_dir: str, tallies: list[tuple[int, records.Tally]],
                    shards: list[tuple[str, int, int, dict[int, int] | None]],
-                   duplicates: int) -> None:
+                   duplicates: int, near: int) -> None:
+  summary = {"tallies": tallies, "shards": shards, "duplicates": duplicates, "near": near}
   with tf.io.gfile.GFile(records.temporary(os.path.join(out_dir, SUMMARY_FILE)), "wb") as f:
-    pickle.dump({"tallies": tallies, "shards": shards, "duplicates": duplicates}, f)
+    pickle.dump(summary, f)
 
 
 def build(pipeline: beam.Pipeline, format: str, paths: Sequence[str], out_dir: str, *,
           num_shards: int, validation_fraction: float, min_chars: int,
-          vocabulary: TokenizerVocabulary | None, reader_options: Mapping[str, Any]) -> None:
+          vocabulary: TokenizerVocabulary | None,
+          near_duplicate_settings: NearDuplicateSettings | None,
+          reader_options: Mapping[str, Any]) -> None:
   """Adds the preparation of ``paths`` into ``out_dir`` (temporary shards and summary) to
   ``pipeline``."""
   parsed = (pipeline
@@ -149,27 +192,43 @@ def build(pipeline: beam.Pipeline, format: str, paths: Sequence[str], out_dir: s
   duplicates = (by_text
                 | "Duplicates" >> beam.Map(lambda keyed: keyed[1][0] - 1)
                 | "CountDuplicates" >> beam.CombineGlobally(sum))
-  kept = (by_text
-          | "Kept" >> beam.Map(lambda keyed: keyed[1][1])
+  kept = by_text | "Kept" >> beam.Map(lambda keyed: keyed[1][1])
+  if near_duplicate_settings is None:
+    near = pipeline | "NoNearDuplicates" >> beam.Create([0])
+  else:
+    kept, near = _drop_near_duplicates(kept, near_duplicate_settings)
+  kept = (kept
           | "BySplitAndInput" >> beam.Map(
               lambda document: ((records.split_of(document[2], validation_fraction), document[0]),
                                 document)))
-  offsets = (kept
-             | "One" >> beam.Map(lambda keyed: (keyed[0], 1))
-             | "PerInput" >> beam.CombinePerKey(sum)
-             | "AllInputs" >> beam.combiners.ToList()
-             | "Offsets" >> beam.Map(_input_offsets))
-  shards = (kept
-            | "GroupInputs" >> beam.GroupByKey()
-            | "Rank" >> beam.FlatMap(_ranked, beam.pvalue.AsSingleton(offsets), num_shards)
-            | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.Map(_write_shard, out_dir, num_shards, vocabulary))
+  shards = write_shards(kept, out_dir, num_shards, vocabulary)
   _ = (pipeline
        | "Once" >> beam.Create([None])
        | "WriteSummary" >> beam.Map(_write_summary, out_dir,
                                     beam.pvalue.AsList(parsed[_TALLY]),
                                     beam.pvalue.AsList(shards),
-                                    beam.pvalue.AsSingleton(duplicates)))
+                                    beam.pvalue.AsSingleton(duplicates),
+                                    beam.pvalue.AsSingleton(near)))
+
+
+def write_shards(documents: beam.PCollection, out_dir: str, num_shards: int,
+                 vocabulary: TokenizerVocabulary | None, stage: str = "") -> beam.PCollection:
+  """Writes ``documents``, keyed by ``(split, input index)``, into each split's ``num_shards``
+  shards under their temporary names, dealt round-robin in input order as one process deals them.
+
+  Returns each written shard's ``(split, number, records, token-length histogram or None)``.
+  ``stage`` tells apart the steps of several calls in one pipeline.
+  """
+  offsets = (documents
+             | f"One{stage}" >> beam.Map(lambda keyed: (keyed[0], 1))
+             | f"PerInput{stage}" >> beam.CombinePerKey(sum)
+             | f"AllInputs{stage}" >> beam.combiners.ToList()
+             | f"Offsets{stage}" >> beam.Map(_input_offsets))
+  return (documents
+          | f"GroupInputs{stage}" >> beam.GroupByKey()
+          | f"Rank{stage}" >> beam.FlatMap(_ranked, beam.pvalue.AsSingleton(offsets), num_shards)
+          | f"GroupShards{stage}" >> beam.GroupByKey()
+          | f"WriteShards{stage}" >> beam.Map(_write_shard, out_dir, num_shards, vocabulary))
 
 
 def _take_summary(out_dir: str) -> dict[str, Any]:
@@ -185,14 +244,14 @@ def _shard_names(out_dir: str, splits: Sequence[str], num_shards: int) -> list[s
           for split in splits for i in range(num_shards)]
 
 
-def _discard(out_dir: str, splits: Sequence[str], num_shards: int) -> None:
+def discard(out_dir: str, splits: Sequence[str], num_shards: int) -> None:
   """Deletes what a failed or refused run wrote."""
   for path in [*_shard_names(out_dir, splits, num_shards), os.path.join(out_dir, SUMMARY_FILE)]:
     if tf.io.gfile.exists(records.temporary(path)):
       tf.io.gfile.remove(records.temporary(path))
 
 
-def _move_into_place(out_dir: str, splits: Sequence[str], num_shards: int) -> None:
+def move_into_place(out_dir: str, splits: Sequence[str], num_shards: int) -> None:
   """Renames the written shards to their names; a shard no document went to becomes an empty file."""
   for path in _shard_names(out_dir, splits, num_shards):
     if tf.io.gfile.exists(records.temporary(path)):
@@ -204,7 +263,8 @@ def _move_into_place(out_dir: str, splits: Sequence[str], num_shards: int) -> No
 def prepare(format: str, inputs: Sequence[str], out_dir: str, *, pipeline_options: PipelineOptions,
             num_shards: int = 8, validation_fraction: float = 0.001, min_chars: int = 32,
             overwrite: bool = False, max_errors: float | None = None,
-            vocabulary: TokenizerVocabulary | None = None, **reader_options: Any
+            vocabulary: TokenizerVocabulary | None = None,
+            near_duplicates: NearDuplicateSettings | None = None, **reader_options: Any
             ) -> dict[str, Any]:
   """:func:`records.prepare` run as a Beam pipeline with ``pipeline_options`` (its runner and
   options); same arguments, checks, output and return value. ``max_errors`` is applied once the job
@@ -218,23 +278,24 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, pipeline_option
     with beam.Pipeline(options=pipeline_options) as pipeline:
       build(pipeline, format, paths, out_dir, num_shards=num_shards,
             validation_fraction=validation_fraction, min_chars=min_chars, vocabulary=vocabulary,
-            reader_options=reader_options)
+            near_duplicate_settings=near_duplicates, reader_options=reader_options)
     summary = _take_summary(out_dir)
     tally = records.Tally(out_dir)
     for _, input_tally in sorted(summary["tallies"], key=lambda indexed: indexed[0]):
       tally.merge(input_tally)
     tally.duplicates = summary["duplicates"]
+    tally.near_duplicates = summary["near"]
     tally.check_errors(max_errors, final=True)
   except BaseException:
-    _discard(out_dir, splits, num_shards)
+    discard(out_dir, splits, num_shards)
     raise
-  _move_into_place(out_dir, splits, num_shards)
+  move_into_place(out_dir, splits, num_shards)
   counts = {split: [0] * num_shards for split in splits}
   histograms: dict[str, collections.Counter[int]] = {split: collections.Counter() for split in splits}
   for split, shard, count, histogram in summary["shards"]:
     counts[split][shard] = count
     histograms[split].update(histogram or {})
   stats = records.summary(format, paths, reader_options, num_shards, validation_fraction,
-                          min_chars, max_errors, tally, counts)
+                          min_chars, max_errors, tally, counts, near_duplicates)
   return records.finish(out_dir, stats, vocabulary,
                         histograms if vocabulary is not None else None)

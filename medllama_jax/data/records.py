@@ -1,16 +1,18 @@
 """One raw corpus in, the sharded TFRecords that the pre-training seqio Tasks read out.
 
 :func:`prepare` streams the records of a :mod:`corpora` reader through cleaning (:func:`clean_text`), a
-minimum length, exact-duplicate removal and a deterministic train/validation split by record id
-(:func:`split_of`), and deals them round-robin into ``num_shards`` TFRecord files per split. Output, in
-``out_dir``:
+minimum length, exact-duplicate removal, optionally near-duplicate removal (:mod:`near_duplicates`),
+and a deterministic train/validation split by record id (:func:`split_of`), and deals them round-robin
+into ``num_shards`` TFRecord files per split. Output, in ``out_dir``:
 
 * ``{split}.tfrecord-{i:05d}-of-{n:05d}``: ``tf.train.Example`` records with the bytes features ``text``
   (UTF-8) and ``id`` (:data:`FEATURE_DESCRIPTION`);
 * ``stats.json``: the run's summary (what :func:`prepare` returns): records read and written, damaged
   records by reason (``errors``), records left out on purpose by reason (``skipped``), texts dropped
   for being shorter than ``min_chars`` (``too_short``), exact duplicates, per-shard record counts and
-  each split's ``file_pattern`` relative to ``out_dir`` (:func:`split_file_patterns` makes them whole).
+  each split's ``file_pattern`` relative to ``out_dir`` (:func:`split_file_patterns` makes them whole);
+  with near-duplicate removal, its settings and count (``near_duplicates``); with a vocabulary, the
+  tokens per split (``tokens``, and the histograms in ``token_stats.json``).
 
 Shards are written under hidden ``.<name>.incomplete`` names and renamed once every record is in; on an
 error they are deleted. ``stats.json`` is written last, so a folder holding it is complete, and an
@@ -18,7 +20,8 @@ interrupted run never leaves files that look finished.
 
 Duplicate detection keeps a 16-byte hash of every distinct text in memory for the whole run (about
 100 bytes per record with the set's overhead, so a few GB for tens of millions of abstracts): it finds
-duplicates within one run, not across corpora prepared separately.
+duplicates within one run, not across corpora prepared separately. The Beam preparer
+(:mod:`beam_prepare`) writes the same output with no such bound.
 
 Nothing here logs or stores record text; rejections are logged by file, location and reason (the first
 :data:`LOGGED_PER_REASON` of each reason; all are counted in the summary).
@@ -42,6 +45,7 @@ from absl import logging
 from medllama_jax import storage
 from medllama_jax.data import corpora
 from medllama_jax.data import error_limit
+from medllama_jax.data.near_duplicates import NearDuplicateFilter, NearDuplicateSettings
 
 if TYPE_CHECKING:
   from medllama_jax.data.vocab import TokenizerVocabulary
@@ -157,6 +161,7 @@ class Tally:
     self.skipped: collections.Counter[str] = collections.Counter()
     self.too_short = 0
     self.duplicates = 0
+    self.near_duplicates = 0
     self.first_error: corpora.Rejected | None = None
     self._logged: collections.Counter[str] = collections.Counter()
 
@@ -180,6 +185,7 @@ class Tally:
     self.skipped.update(other.skipped)
     self.too_short += other.too_short
     self.duplicates += other.duplicates
+    self.near_duplicates += other.near_duplicates
     self.first_error = self.first_error or other.first_error
 
   def check_errors(self, max_errors: float | None, final: bool) -> None:
@@ -303,10 +309,11 @@ def cleaned_documents(format: str, path: str, tally: Tally, min_chars: int,
 
 def summary(format: str, paths: Sequence[str], reader_options: Mapping[str, Any], num_shards: int,
             validation_fraction: float, min_chars: int, max_errors: float | None, tally: Tally,
-            shard_counts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+            shard_counts: Mapping[str, Sequence[int]],
+            near_duplicates: NearDuplicateSettings | None) -> dict[str, Any]:
   """What ``stats.json`` says of a run (whichever engine ran it)."""
   splits = list(shard_counts)
-  return {
+  stats = {
       "format": format,
       "inputs": list(paths),
       "options": dict(reader_options),
@@ -324,6 +331,9 @@ def summary(format: str, paths: Sequence[str], reader_options: Mapping[str, Any]
                          for i, count in enumerate(shard_counts[split])} for split in splits},
       "file_pattern": {split: f"{split}.tfrecord-?????-of-{num_shards:05d}" for split in splits},
   }
+  if near_duplicates is not None:
+    stats["near_duplicates"] = {**near_duplicates.describe(), "removed": tally.near_duplicates}
+  return stats
 
 
 def finish(out_dir: str, stats: dict[str, Any], vocabulary: TokenizerVocabulary | None,
@@ -342,7 +352,7 @@ def finish(out_dir: str, stats: dict[str, Any], vocabulary: TokenizerVocabulary 
     stats["tokens"] = {split: entry["tokens"] for split, entry in counted["splits"].items()}
   write_json(os.path.join(out_dir, STATS_FILE), stats)
   logging.info("%s: %d records read, written %s, errors %s, skipped %s, %d shorter than %d "
-               "characters, %d duplicates", out_dir, stats["records_read"],
+               "characters, %d exact duplicates", out_dir, stats["records_read"],
                stats["records_written"], stats["errors"], stats["skipped"], stats["too_short"],
                stats["min_chars"], stats["duplicates"])
   return stats
@@ -351,6 +361,7 @@ def finish(out_dir: str, stats: dict[str, Any], vocabulary: TokenizerVocabulary 
 def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int = 8,
             validation_fraction: float = 0.001, min_chars: int = 32, overwrite: bool = False,
             max_errors: float | None = None, vocabulary: TokenizerVocabulary | None = None,
+            near_duplicates: NearDuplicateSettings | None = None,
             **reader_options: Any) -> dict[str, Any]:
   """Reads ``inputs`` (paths or glob patterns) with the ``format`` reader and writes ``out_dir``.
 
@@ -358,10 +369,12 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
   ``pile_set_name``, ``mimic_category``). Damaged records are counted and passed over; ``max_errors``
   (a count, or a fraction of the records seen; None: no limit) turns too many of them into a
   CorpusError, and then nothing is written. With a ``vocabulary`` the written documents' tokens are
-  counted too (``token_stats.json``, and per split in the summary). Returns the summary also written
-  to ``stats.json``. Raises ValueError (bad settings or options), FileNotFoundError (an input pattern
-  matches nothing), FileExistsError (``out_dir`` not empty and not ``overwrite``) before anything is
-  written. :mod:`medllama_jax.data.beam_prepare` writes the same output with Apache Beam.
+  counted too (``token_stats.json``, and per split in the summary). With ``near_duplicates``
+  settings, documents close to an earlier one are removed as well (:mod:`near_duplicates`). Returns
+  the summary also written to ``stats.json``. Raises ValueError (bad settings or options),
+  FileNotFoundError (an input pattern matches nothing), FileExistsError (``out_dir`` not empty and not
+  ``overwrite``) before anything is written. :mod:`medllama_jax.data.beam_prepare` writes the same
+  output with Apache Beam.
   """
   check_settings(num_shards, validation_fraction, min_chars, max_errors)
   corpora.check_options(format, reader_options)
@@ -369,20 +382,23 @@ def prepare(format: str, inputs: Sequence[str], out_dir: str, *, num_shards: int
   claim_out_dir(out_dir, overwrite)
   tally = Tally(out_dir)
   seen: set[bytes] = set()
+  near = NearDuplicateFilter(near_duplicates) if near_duplicates is not None else None
   with ShardWriters(out_dir, splits_of(validation_fraction), num_shards) as shards:
     for path in paths:
       logging.info("%s: reading %s", out_dir, path)
       for record_id, data in cleaned_documents(format, path, tally, min_chars, max_errors,
                                                reader_options):
-        if _is_new(data, seen):
-          shards.write(split_of(record_id, validation_fraction), record_id, data)
-        else:
+        if not _is_new(data, seen):
           tally.duplicates += 1
+        elif near is not None and near.is_near_duplicate(data.decode("utf-8")):
+          tally.near_duplicates += 1
+        else:
+          shards.write(split_of(record_id, validation_fraction), record_id, data)
         if tally.read % PROGRESS_EVERY == 0:
           tally.progress(sum(map(sum, shards.counts.values())))
     tally.check_errors(max_errors, final=True)
   stats = summary(format, paths, reader_options, num_shards, validation_fraction, min_chars,
-                  max_errors, tally, shards.counts)
+                  max_errors, tally, shards.counts, near_duplicates)
   return finish(out_dir, stats, vocabulary)
 
 
