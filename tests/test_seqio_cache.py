@@ -9,7 +9,8 @@ The cache holds the examples in the order of Beam's ``Reshuffle`` (random keys),
 so cached and uncached data agree as multisets: of the documents (ids and token ids), of the chunks
 cut after the cache, and, through the trainer's iterator, of the packed segments over one epoch.
 Batch for batch, the cached iterator is checked against itself under one seed (the same batches
-twice: what resuming and multi-process reading rely on).
+twice: what resuming and multi-process reading rely on). Last, the trainer runs a few steps on the
+cache with the prepared corpus moved away.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 from pathlib import Path
 
 import apache_beam  # noqa: F401  (the ``beam`` extra: the test runs wherever it is installed)
+import gin
 import numpy as np
 import pytest
 import seqio
@@ -32,6 +34,7 @@ from seqio.scripts import cache_tasks_main
 import tokenizer_families as families
 from medllama_jax import demo
 from medllama_jax.data.pipeline import make_data_iterator
+from medllama_jax.train import loop
 
 TASK = "seqio_cache_test_pubmed_abstracts"  # what tests/seqio_cache_task.py registers
 SPLITS = ("train", "validation")
@@ -143,3 +146,41 @@ def test_the_trainers_iterator_reads_the_cache(cache_dir: str):
   assert len(first) == 3
   for a, b in zip(first, second):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_training_runs_on_the_cache_alone(cache_dir: str, tmp_path: Path):
+  """A few training steps with ``make_data_iterator.use_cached = True`` while the prepared corpus
+  is out of reach: every batch comes from the cache, and the loss falls."""
+  root = Path(cache_dir).parent
+  corpus = root / "data" / "pubmed_abstracts"
+  run_dir = tmp_path / "run"
+  bindings = {
+      "medllama_jax.config.model_config.preset": '"tiny"',
+      "medllama_jax.partitioning.make_mesh.data": 2,
+      "medllama_jax.partitioning.make_mesh.fsdp": 2,
+      "medllama_jax.partitioning.make_mesh.tensor": 2,
+      "medllama_jax.train.optimizer.make_optimizer.peak_lr": 3e-3,
+      "make_data_iterator.use_cached": True,
+      "make_data_iterator.cache_dirs": f"['{cache_dir}']",
+      "make_data_iterator.num_shards": 1,
+      "train.run_dir": f"'{run_dir}'",
+      "train.mixture": f"'{TASK}'",
+      "train.tokenizer_dir": f"'{root / 'tokenizer'}'",
+      "train.sequence_length": LENGTH,
+      "train.global_batch_size": 8,
+      "train.total_steps": 6,
+      "train.save_every": 6,
+      "train.log_every": 1,
+  }
+  gin.clear_config()
+  gin.parse_config([f"{name} = {value}" for name, value in bindings.items()])
+  corpus.rename(corpus.with_name("away"))
+  try:
+    loop.train()
+  finally:
+    corpus.with_name("away").rename(corpus)
+    gin.clear_config()
+  losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["split"] == "train"]
+  assert len(losses) == 6 and all(np.isfinite(losses))
+  assert losses[-1] < losses[0]
