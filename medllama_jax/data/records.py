@@ -351,10 +351,12 @@ def finish(out_dir: str, stats: dict[str, Any], vocabulary: TokenizerVocabulary 
     counted = token_stats.write_histograms(out_dir, vocabulary, histograms)
     stats["tokens"] = {split: entry["tokens"] for split, entry in counted["splits"].items()}
   write_json(os.path.join(out_dir, STATS_FILE), stats)
+  near = stats.get("near_duplicates")
   logging.info("%s: %d records read, written %s, errors %s, skipped %s, %d shorter than %d "
-               "characters, %d exact duplicates", out_dir, stats["records_read"],
+               "characters, %d exact duplicates%s", out_dir, stats["records_read"],
                stats["records_written"], stats["errors"], stats["skipped"], stats["too_short"],
-               stats["min_chars"], stats["duplicates"])
+               stats["min_chars"], stats["duplicates"],
+               f", {near['removed']} near duplicates" if near else "")
   return stats
 
 
