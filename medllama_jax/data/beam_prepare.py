@@ -98,23 +98,30 @@ def _signed(document: Document, settings: NearDuplicateSettings
     yield key, (document[:2], signature)
 
 
-def _near_first(bucket: tuple[bytes, Iterable[tuple[tuple[int, int], Any]]],
+def _near_first(bucket: tuple[bytes, Mapping[str, Iterable[tuple[tuple[int, int], Any]]]],
                 threshold: float) -> Iterator[tuple[int, int]]:
-  """The places of a bucket's documents that are near its first one (in input order)."""
-  _, members = bucket
-  members = sorted(members, key=lambda member: member[0])
-  first = members[0][1]
-  for place, signature in members[1:]:
-    if minhash.similar(signature, first, threshold):
+  """The places of a bucket's documents that are near its first one (in input order).
+
+  The members are streamed past the first, never held together: a bucket of boilerplate can hold
+  millions of documents."""
+  _, joined = bucket
+  (first_place, first), = joined["first"]
+  for place, signature in joined["members"]:
+    if place != first_place and minhash.similar(signature, first, threshold):
       yield place
+
+
+def _earliest(members: Iterable[tuple[tuple[int, int], Any]]) -> tuple[tuple[int, int], Any]:
+  return min(members, key=lambda member: member[0])
 
 
 def _drop_near_duplicates(documents: beam.PCollection, settings: NearDuplicateSettings
                           ) -> tuple[beam.PCollection, beam.PCollection]:
   """The documents that are no near duplicates, and how many were."""
-  near = (documents
-          | "Sign" >> beam.FlatMap(_signed, settings)
-          | "GroupBuckets" >> beam.GroupByKey()
+  members = documents | "Sign" >> beam.FlatMap(_signed, settings)
+  firsts = members | "FirstOfEachBucket" >> beam.CombinePerKey(_earliest)
+  near = ({"members": members, "first": firsts}
+          | "JoinFirsts" >> beam.CoGroupByKey()
           | "NearTheFirst" >> beam.FlatMap(_near_first, settings.threshold)
           | "OncePerDocument" >> beam.Distinct())
   count = near | "CountNear" >> beam.combiners.Count.Globally()
