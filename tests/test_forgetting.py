@@ -25,11 +25,11 @@ import tensorflow as tf  # noqa: E402
 
 import seqio_tasks.mibe  # noqa: E402
 import seqio_tasks.pretrain  # noqa: E402, F401  (gin configurables)
-from medllama_jax import checkpointing, loading, partitioning, tokenizer  # noqa: E402
+import demo_workspace  # noqa: E402
+from medllama_jax import checkpointing, loading, partitioning  # noqa: E402
 from medllama_jax.cli import forgetting as forgetting_cli  # noqa: E402
 from medllama_jax.config import get_config  # noqa: E402
-from medllama_jax.data import records  # noqa: E402
-from medllama_jax.demo import demo_data_path, demo_text_path  # noqa: E402
+from medllama_jax.demo import demo_data_path  # noqa: E402
 from medllama_jax.eval import evaluator, forgetting, harness  # noqa: E402
 from medllama_jax.model import Llama  # noqa: E402
 from medllama_jax.train import loop, task_eval  # noqa: E402
@@ -80,22 +80,14 @@ def write_model(directory: str, seed: int, tok_dir: str) -> str:
 def ws(tmp_path_factory):
   """A tokenizer, two tiny models (seeds 1 and 2), the harness task and a prepared corpus."""
   root = tmp_path_factory.mktemp("forgetting")
-  tok_dir = root / "tokenizer"
-  tok_dir.mkdir()
-  model_file = tokenizer.train_sentencepiece(demo_text_path(), str(tok_dir / "tok"), 512)
-  os.replace(model_file, tok_dir / tokenizer.SENTENCEPIECE_FILE)
+  tok_dir = demo_workspace.write_tokenizer(root / "tokenizer")
   tasks = root / "tasks"
   tasks.mkdir()
   data = tasks / f"{TASK}.jsonl"
   data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
                           for q, c, a in QUESTIONS))
   (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(data=data))
-  lines = [line.strip() for line in open(demo_text_path()) if line.strip()]
-  corpus = root / "general.jsonl"
-  corpus.write_text("".join(json.dumps({"text": " ".join(lines[i:i + 3]), "meta": {}}) + "\n"
-                            for i in range(0, len(lines), 3)))
-  records.prepare("jsonl", [str(corpus)], str(root / "data" / "redpajama"), num_shards=1,
-                  validation_fraction=0.2)
+  demo_workspace.prepare_general_corpus(root, num_shards=1)
   return {"root": root, "tokenizer": str(tok_dir), "tasks": str(tasks),
           "base": write_model(str(root / "base"), 1, str(tok_dir)),
           "other": write_model(str(root / "other"), 2, str(tok_dir))}

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import demo_workspace
 from medllama_jax import checkpointing, loading, partitioning, tokenizer
 from medllama_jax.config import get_config
-from medllama_jax.data import records
-from medllama_jax.demo import complete_checkpoints, demo_text_path
+from medllama_jax.demo import complete_checkpoints
 from medllama_jax.model import Llama
 from medllama_jax.train import loop
 
@@ -55,17 +55,8 @@ DRIVER = textwrap.dedent("""
 def workspace(tmp_path_factory):
   """A tokenizer folder and a prepared ``redpajama`` corpus under ``data/``."""
   root = tmp_path_factory.mktemp("train_loop")
-  tok_dir = root / "tokenizer"
-  tok_dir.mkdir()
-  model_file = tokenizer.train_sentencepiece(demo_text_path(), str(tok_dir / "tok"), 512)
-  os.replace(model_file, tok_dir / tokenizer.SENTENCEPIECE_FILE)
-  lines = [line.strip() for line in open(demo_text_path()) if line.strip()]
-  jsonl = root / "general.jsonl"
-  with open(jsonl, "w") as f:
-    for i in range(0, len(lines), 3):
-      f.write(json.dumps({"text": " ".join(lines[i:i + 3]), "meta": {}}) + "\n")
-  records.prepare("jsonl", [str(jsonl)], str(root / "data" / "redpajama"), num_shards=2,
-                  validation_fraction=0.2)
+  demo_workspace.write_tokenizer(root / "tokenizer")
+  demo_workspace.prepare_general_corpus(root, num_shards=2)
   return root
 
 
